@@ -1,0 +1,95 @@
+"""Typed records that flow between the host (AlignModule) and the plugins.
+
+Shapes: ``B`` sequences, ``P`` prompt length, ``R`` response length, ``T`` full length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+
+class TensorRecord:
+    """Mixin for dataclasses of tensors: move every tensor field to a device in one call."""
+
+    def to(self, device: torch.device | str):
+        return replace(self, **{
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        })
+
+
+@dataclass
+class LossOutput:
+    """What a loss hook returns. ``stats`` are detached scalars for logging (metric name -> value);
+    losses never log or step the optimiser themselves."""
+
+    loss: Tensor
+    stats: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+@dataclass
+class SFTBatch(TensorRecord):
+    """Demonstrations: ``labels`` is ``input_ids`` with prompt and padding positions set to -100."""
+
+    input_ids: Tensor  # (B, T)
+    attention_mask: Tensor  # (B, T)
+    labels: Tensor  # (B, T)
+    position_ids: Tensor | None = None  # (B, T), set when sequences are packed
+
+
+@dataclass
+class PreferenceBatch(TensorRecord):
+    """Preference pairs. Rows ``[0, B)`` are the chosen sequences and ``[B, 2B)`` the rejected ones,
+    so one forward pass scores both (the concatenated forward). Right padded.
+
+    ``loss_mask`` marks response tokens (the tokens whose log-probs form ``log π(y|x)``), aligned with
+    ``input_ids``. ``margin`` is the optional per-pair margin column (zeros when absent).
+    """
+
+    input_ids: Tensor  # (2B, T)
+    attention_mask: Tensor  # (2B, T)
+    loss_mask: Tensor  # (2B, T)
+    margin: Tensor  # (B,)
+    index: Tensor  # (B,) row of each pair in its data set (for cached reference log-probs)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.margin.shape[0]
+
+
+@dataclass
+class PromptBatch(TensorRecord):
+    """Prompts for online algorithms, left padded so generation appends on the right."""
+
+    input_ids: Tensor  # (B, P)
+    attention_mask: Tensor  # (B, P)
+    prompts: list[str]  # the prompt texts, for reward plugins that read text
+    index: Tensor  # (B,) row of each prompt in its data set
+
+
+@dataclass
+class Rollout(TensorRecord):
+    """Sampled completions from the rollout engine: left-padded prompts followed by right-padded
+    responses in one tensor, truncated after the first stop token.
+
+    ``response_mask`` is 1 on real response tokens up to and including the stop token.
+    ``logprobs`` are log π_old of the sampled tokens, computed exactly as the training forward computes
+    them (same temperature scaling), 0 where ``response_mask`` is 0.
+    """
+
+    sequences: Tensor  # (B, P + R) prompt ids then response ids
+    attention_mask: Tensor  # (B, P + R)
+    response_mask: Tensor  # (B, R)
+    logprobs: Tensor  # (B, R)
+    ended: Tensor  # (B,) bool: the response ended with a configured stop token / string
+    prompt_length: int  # P
+    prompts: list[str]
+    responses: list[str]  # decoded text, cut at the stop
+
+    @property
+    def response_ids(self) -> Tensor:  # (B, R)
+        return self.sequences[:, self.prompt_length:]
