@@ -1,0 +1,113 @@
+"""The ``alignkit`` command.
+
+``fit`` / ``validate`` run one recipe through LightningCLI (``--config``, dotted overrides,
+``--print_config``); the other commands are typed functions whose parameters are their options (the
+litgpt way): ``pipeline``, ``plugins``, ``collect``, ``eval``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from alignkit.data.modules import AlignData
+from alignkit.module import AlignModule
+from alignkit.run import RunDirectory, check_fresh, default_run_dir
+
+TRAINER_COMMANDS = ("fit", "validate")
+
+
+class AlignCLI(LightningCLI):
+    """LightningCLI with alignkit's run directory, default loggers and export callback."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            AlignModule, AlignData, subclass_mode_data=True, seed_everything_default=0, args=args, run=run,
+            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+            trainer_defaults={"deterministic": True},
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: LightningCLI.subcommands()[name] for name in TRAINER_COMMANDS}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Run directory (default: runs/<recipe>/<timestamp>). Must not hold a finished model.")
+        parser.add_argument("--experiment", type=str | None, default=None,
+                            help="wandb group of this run (default: the recipe's name).")
+        parser.add_argument("--wandb", type=bool, default=True,
+                            help="Log to wandb in offline mode (no account or network needed; `wandb sync` later).")
+
+    @property
+    def _cfg(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @property
+    def recipe(self) -> str | None:
+        configs = self._cfg.get("config") or []
+        return str(configs[-1]) if configs else None
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg
+        run_dir = cfg.run_dir or cfg.trainer.default_root_dir or str(default_run_dir(self.recipe))
+        if self.subcommand == "fit":
+            check_fresh(Path(run_dir))
+        cfg.run_dir = cfg.trainer.default_root_dir = str(run_dir)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        cfg = self._cfg
+        run_dir = Path(cfg.run_dir)
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = self.default_loggers(run_dir)
+        kwargs["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [
+            RunDirectory(run_dir, self.recipe),
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True),
+            RichProgressBar(leave=True),
+        ]
+        return super().instantiate_trainer(**kwargs)
+
+    def default_loggers(self, run_dir: Path) -> list:
+        loggers: list = [CSVLogger(save_dir=run_dir, name="", version="")]
+        if self._cfg.wandb:
+            algorithm = self._cfg.model.algorithm.class_path.rsplit(".", 1)[-1]
+            group = self._cfg.experiment or (Path(self.recipe).stem if self.recipe else "alignkit")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            loggers.append(WandbLogger(project="alignkit", save_dir=str(run_dir), offline=True, group=group,
+                                       tags=[algorithm], name=f"{group}/{run_dir.name}", job_type=algorithm,
+                                       config=self._cfg.clone().as_dict()))
+        return loggers
+
+
+def fit(args: list[str]) -> Path:
+    """Run ``alignkit fit`` in-process and return its run directory (used by the pipeline)."""
+    cli = AlignCLI(args=["fit", *args])
+    return Path(cli.config.fit.run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from alignkit import commands
+
+    argv = sys.argv[1:] if argv is None else argv
+    table = commands.COMMANDS
+    try:
+        if argv and argv[0] in table:
+            commands.run(argv[0], argv[1:])
+        else:
+            AlignCLI(args=argv)
+    except commands.USER_ERRORS as exc:
+        if os.environ.get("ALIGNKIT_DEBUG"):
+            raise
+        print(f"alignkit: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The commands that are not a single Lightning ``fit``: each is a typed function whose parameters are its
+options (``alignkit <command> --help`` documents them from the docstring)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from alignkit.data.formats import DataError
+from alignkit.manager import PluginError, discover
+from alignkit.module import NonFiniteError
+from alignkit.run import METRICS_FILE, MODEL_DIR, RunExistsError, read_metrics
+
+USER_ERRORS = (DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
+
+
+def plugins(kind: Literal["all", "algorithm", "reward", "task", "other"] = "all") -> None:
+    """List the plugins registered in the ``alignkit`` entry-point group.
+
+    Args:
+        kind: show only plugins of this kind.
+    """
+    rows = [p for p in discover() if kind in ("all", p.kind)]
+    width = max((len(p.name) for p in rows), default=4)
+    print(f"{'name':<{width}}  {'kind':<9}  {'distribution':<18}  {'target':<48}  hooks")
+    for p in rows:
+        hooks = ", ".join(h.removeprefix("alignkit_") for h in p.hooks) or "-"
+        print(f"{p.name:<{width}}  {p.kind:<9}  {p.distribution + ' ' + p.version:<18}  {p.target:<48}  {hooks}")
+
+
+@dataclass
+class Stage:
+    """One step of a pipeline."""
+
+    name: str
+    """Stage name; ``{name}`` in later stages' args is replaced by this stage's run directory."""
+    recipe: str | None = None
+    """Recipe YAML, relative to the pipeline file (for ``fit`` stages)."""
+    command: Literal["fit", "collect", "eval"] = "fit"
+    args: list[str] = field(default_factory=list)
+    """Command-line arguments/overrides, e.g. ``--model.policy.name_or_path={sft}/model``."""
+
+
+def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | None = None,
+             only: list[str] | None = None, base_dir: str = ".") -> dict[str, Path]:
+    """Run a list of stages, each reading the previous stages' outputs. Stages already finished in
+    ``run_dir`` (their ``metrics.json`` exists) are skipped, so a stopped pipeline resumes.
+
+    Args:
+        stages: the stages, in order.
+        run_dir: folder holding one sub-folder per stage (default: runs/<pipeline>/<timestamp>).
+        set: extra arguments appended to every ``fit`` stage, e.g. ``--trainer.max_steps=5``.
+        only: run only these stages (their inputs must exist already).
+        base_dir: folder that recipe paths are relative to (the pipeline file's folder by default).
+    """
+    from alignkit.cli import fit
+    from alignkit.run import default_run_dir
+
+    root = Path(run_dir) if run_dir else default_run_dir("pipeline")
+    outputs = {stage.name: root / stage.name for stage in stages}
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        stage_dir = outputs[stage.name]
+        if (stage_dir / METRICS_FILE).exists():
+            print(f"[pipeline] {stage.name}: already finished in {stage_dir}, skipped")
+            continue
+        args = [a.format(**{k: str(v) for k, v in outputs.items()}) for a in stage.args]
+        print(f"[pipeline] {stage.name}: {stage.command} {' '.join(shlex.quote(a) for a in args)}")
+        if stage.command == "fit":
+            if stage.recipe is None:
+                raise DataError(f"pipeline stage {stage.name!r}: a fit stage needs a recipe")
+            recipe = Path(base_dir) / stage.recipe
+            if not recipe.is_file():
+                raise FileNotFoundError(f"pipeline stage {stage.name!r}: recipe {recipe} does not exist")
+            fit(["--config", str(recipe), *args, *(set or []), "--run_dir", str(stage_dir)])
+        else:
+            run(stage.command, [*args, "--run_dir", str(stage_dir)])
+    return outputs
+
+
+COMMANDS = {"pipeline": pipeline, "plugins": plugins}
+
+
+def run(name: str, argv: list[str]) -> object:
+    """Parse ``argv`` for command ``name`` (``--config FILE`` allowed) and call it."""
+    function = COMMANDS[name]
+    parser = ArgumentParser(prog=f"alignkit {name}", description=function.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")
+    parser.add_function_arguments(function, as_group=False)
+    cfg = parser.parse_args(argv)
+    if name == "pipeline" and cfg.get("config") and cfg.base_dir == ".":
+        cfg.base_dir = str(Path(str(cfg.config[-1])).parent)  # recipes are relative to the pipeline file
+    init = parser.instantiate_classes(cfg)
+    return function(**{k: init[k] for k in init.keys() if k != "config"})

@@ -1,0 +1,295 @@
+"""Lightning data modules for the three kinds of training data: demonstrations (SFT), preference pairs
+(reward model, DPO) and prompts (online RL). Each reads files / HF data sets (or a task's built-in data),
+tokenises with the policy's tokenizer (taken from the LightningModule at ``setup``) and collates into the
+typed batches of :mod:`alignkit.types`."""
+
+from __future__ import annotations
+
+import abc
+import random
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from alignkit.data.formats import (
+    DataError,
+    PreferenceFormat,
+    SFTFormat,
+    load_rows,
+    preference_records,
+    sft_records,
+)
+from alignkit.data.tokenize import Truncation, TruncationStats, encode_prompt, encode_response, fit
+from alignkit.rollout import left_pad
+from alignkit.task import Task
+from alignkit.types import PreferenceBatch, PromptBatch, SFTBatch
+
+IGNORE = -100
+
+
+def right_pad(rows: list[list[int]], pad: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    length = length or max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+class AlignData(L.LightningDataModule, abc.ABC):
+    """Common options of every alignkit data module."""
+
+    kind: str = ""
+
+    def __init__(self, path: str | None = None, task: Task | None = None, split: str = "train",
+                 batch_size: int = 16, max_length: int = 256, max_prompt_length: int = 128,
+                 truncation: Truncation = "truncate", val_fraction: float = 0.05, limit: int | None = None,
+                 chat_template: bool = False, seed: int = 0, num_workers: int = 0):
+        """
+        Args:
+            path: a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` folder, or an HF data set name.
+            task: a built-in or plugin task whose data is used when ``path`` is not given.
+            split: the split read from an HF data set.
+            batch_size: examples per batch (per device).
+            max_length: longest prompt + response, in tokens.
+            max_prompt_length: longest prompt, in tokens.
+            truncation: what to do with longer examples: truncate, drop, or error.
+            val_fraction: fraction of the examples held out for validation (0: none).
+            limit: use only the first ``limit`` examples.
+            chat_template: wrap plain-text prompts in the tokenizer's chat template.
+            seed: seed of the train/validation split.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        if path is None and task is None:
+            raise DataError(f"{type(self).__name__}: give data.path or data.task")
+        if not 0 <= val_fraction < 1:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.path, self.task, self.split = path, task, split
+        self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
+        self.truncation, self.val_fraction, self.limit = truncation, val_fraction, limit
+        self.chat_template, self.seed, self.num_workers = chat_template, seed, num_workers
+        self.tokenizer = None
+        self.stats = TruncationStats()
+        self.train_set: list[Any] = []
+        self.val_set: list[Any] = []
+
+    @property
+    def source(self) -> str:
+        return self.path if self.path is not None else f"task {type(self.task).__name__}"
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = load_rows(self.path, self.split) if self.path is not None else self.task_rows()
+        return rows[: self.limit] if self.limit else rows
+
+    def task_rows(self) -> list[dict[str, Any]]:
+        raise DataError(f"{type(self).__name__} cannot read data from a task; give data.path")
+
+    @abc.abstractmethod
+    def encode(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """Validate and tokenise rows into examples (counting truncations in ``self.stats``)."""
+
+    def attach(self, tokenizer) -> None:
+        """Give the data module its tokenizer (done by ``setup`` from the LightningModule in training)."""
+        self.tokenizer = tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.attach(self.trainer.lightning_module.tokenizer)
+        if self.train_set:
+            return
+        self.stats = TruncationStats()
+        examples = self.encode(self.rows())
+        if not examples:
+            raise DataError(f"{self.source}: no usable examples after truncation ({self.stats.dropped} dropped)")
+        self.train_set, self.val_set = self.hold_out(examples)
+
+    def hold_out(self, examples: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Seeded random hold-out of ``val_fraction`` of the examples (order otherwise kept)."""
+        order = list(range(len(examples)))
+        random.Random(self.seed).shuffle(order)
+        n_val = int(len(examples) * self.val_fraction)
+        return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in sorted(order[:n_val])]
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
+                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_set:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    @abc.abstractmethod
+    def collate(self, examples: list[Any]):
+        """Pad a list of examples into the typed batch of this data kind."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"truncated": self.stats.truncated, "dropped": self.stats.dropped, "examples": self.stats.examples}
+
+
+class SFTData(AlignData):
+    """Demonstrations for supervised fine-tuning: prompt/response, Alpaca or chat ``messages`` rows, or a
+    task's built-in demonstrations. Labels cover response tokens only."""
+
+    kind = "sft"
+
+    def __init__(self, *args, format: SFTFormat = "auto", packing: bool = False, **kwargs):
+        """
+        Args:
+            format: the row format (auto-detected from the columns by default).
+            packing: pack several examples into each row of ``max_length`` tokens (position ids restart
+                at every example; attention is not blocked between packed examples unless the model's
+                attention implementation reads packed position ids, e.g. flash-attention).
+        """
+        super().__init__(*args, **kwargs)
+        self.format, self.packing = format, packing
+
+    def task_rows(self) -> list[dict[str, Any]]:
+        return [{"prompt": d.prompt, "response": d.response} for d in self.task.demonstrations()]
+
+    def encode(self, rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+        examples = []
+        for i, record in enumerate(sft_records(rows, self.format, self.source)):
+            prompt_ids = encode_prompt(self.tokenizer, record.prompt, self.chat_template)
+            response_ids = encode_response(self.tokenizer, record.prompt, prompt_ids, record.response, self.chat_template)
+            fitted = fit(prompt_ids, [response_ids], self.max_length, self.max_prompt_length, self.truncation,
+                         self.stats, f"{self.source} row {i}")
+            if fitted is not None:
+                examples.append((fitted[0], fitted[1][0]))
+        return pack(examples, self.max_length) if self.packing else examples
+
+    def collate(self, examples: list[tuple[list[int], list[int]]] | list[list[tuple[list[int], list[int]]]]) -> SFTBatch:
+        if self.packing:
+            return collate_packed(examples, self.tokenizer.pad_token_id)
+        ids, mask = right_pad([p + r for p, r in examples], self.tokenizer.pad_token_id)
+        labels = torch.full_like(ids, IGNORE)
+        for i, (p, r) in enumerate(examples):
+            labels[i, len(p): len(p) + len(r)] = torch.tensor(r)
+        return SFTBatch(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Greedy first-fit packing of (prompt, response) examples into rows of at most ``max_length`` tokens."""
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -(len(e[0]) + len(e[1]))):
+        size = len(example[0]) + len(example[1])
+        slot = next((j for j, free in enumerate(room) if free >= size), None)
+        if slot is None:
+            rows.append([example])
+            room.append(max_length - size)
+        else:
+            rows[slot].append(example)
+            room[slot] -= size
+    return rows
+
+
+def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad: int) -> SFTBatch:
+    flat = [[t for p, r in row for t in p + r] for row in rows]
+    ids, mask = right_pad(flat, pad)
+    labels = torch.full_like(ids, IGNORE)
+    positions = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        start = 0
+        for p, r in row:
+            n = len(p) + len(r)
+            labels[i, start + len(p): start + n] = torch.tensor(r)
+            positions[i, start: start + n] = torch.arange(n)
+            start += n
+    return SFTBatch(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions)
+
+
+class PreferenceData(AlignData):
+    """Preference pairs (explicit, implicit/HH-RLHF or conversational rows) for reward models and DPO."""
+
+    kind = "preference"
+
+    def __init__(self, *args, format: PreferenceFormat = "auto", **kwargs):
+        """
+        Args:
+            format: the row format (auto-detected from the columns by default).
+        """
+        super().__init__(*args, **kwargs)
+        self.format = format
+
+    def encode(self, rows: list[dict[str, Any]]) -> list[tuple[int, list[int], list[int], list[int], float]]:
+        examples = []
+        for i, record in enumerate(preference_records(rows, self.format, self.source)):
+            prompt_ids = encode_prompt(self.tokenizer, record.prompt, self.chat_template)
+            chosen = encode_response(self.tokenizer, record.prompt, prompt_ids, record.chosen, self.chat_template)
+            rejected = encode_response(self.tokenizer, record.prompt, prompt_ids, record.rejected, self.chat_template)
+            fitted = fit(prompt_ids, [chosen, rejected], self.max_length, self.max_prompt_length, self.truncation,
+                         self.stats, f"{self.source} row {i}")
+            if fitted is not None:
+                prompt_ids, (chosen, rejected) = fitted
+                examples.append((i, prompt_ids, chosen, rejected, record.margin))
+        return examples
+
+    def collate(self, examples: list[tuple[int, list[int], list[int], list[int], float]]) -> PreferenceBatch:
+        sequences = [p + c for _, p, c, _, _ in examples] + [p + r for _, p, _, r, _ in examples]
+        responses = [(len(p), len(c)) for _, p, c, _, _ in examples] + [(len(p), len(r)) for _, p, _, r, _ in examples]
+        ids, mask = right_pad(sequences, self.tokenizer.pad_token_id)
+        loss_mask = torch.zeros_like(mask)
+        for row, (start, length) in enumerate(responses):
+            loss_mask[row, start: start + length] = 1
+        return PreferenceBatch(
+            input_ids=ids, attention_mask=mask, loss_mask=loss_mask,
+            margin=torch.tensor([m for *_, m in examples], dtype=torch.float32),
+            index=torch.tensor([i for i, *_ in examples], dtype=torch.long),
+        )
+
+
+class PromptData(AlignData):
+    """Prompts for online algorithms (PPO and friends): a ``prompt`` column (or ``messages`` without the
+    final answer) from a file, or a task's train prompts; validation uses the task's eval prompts."""
+
+    kind = "prompt"
+
+    def __init__(self, *args, column: str = "prompt", **kwargs):
+        """
+        Args:
+            column: the column holding the prompt text (or a list of messages).
+        """
+        super().__init__(*args, **kwargs)
+        self.column = column
+
+    def task_rows(self) -> list[dict[str, Any]]:
+        return [{self.column: p} for p in self.task.train_prompts()]
+
+    def encode(self, rows: list[dict[str, Any]]) -> list[tuple[int, str, list[int]]]:
+        if rows and self.column not in rows[0]:
+            raise DataError(f"{self.source}: prompt column {self.column!r} missing; found {', '.join(sorted(rows[0]))}")
+        examples = []
+        for i, row in enumerate(rows):
+            prompt = row[self.column]
+            if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+                raise DataError(f"{self.source} row {i}: empty {self.column!r}")
+            ids = encode_prompt(self.tokenizer, prompt, self.chat_template)
+            if len(ids) > self.max_prompt_length:
+                fitted = fit(ids, [[]], self.max_prompt_length, self.max_prompt_length, self.truncation, self.stats,
+                             f"{self.source} row {i}")
+                if fitted is None:
+                    continue
+                ids = fitted[0]
+            else:
+                self.stats.examples += 1
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+            examples.append((i, text, ids))
+        return examples
+
+    def hold_out(self, examples: list[Any]) -> tuple[list[Any], list[Any]]:
+        if self.path is not None:
+            return super().hold_out(examples)
+        # A task has its own held-out prompts: validate on those, train on every train prompt.
+        return examples, self.encode([{self.column: p} for p in self.task.eval_prompts()])
+
+    def collate(self, examples: list[tuple[int, str, list[int]]]) -> PromptBatch:
+        ids, mask = left_pad([e[2] for e in examples], self.tokenizer.pad_token_id)
+        return PromptBatch(input_ids=ids, attention_mask=mask, prompts=[e[1] for e in examples],
+                           index=torch.tensor([e[0] for e in examples], dtype=torch.long))

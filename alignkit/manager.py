@@ -1,0 +1,146 @@
+"""Plugin discovery (the ``alignkit`` entry-point group) and the per-run pluggy PluginManager.
+
+Discovery: every entry point in the group names a class (an algorithm, a reward or a task). Built-in
+plugins are declared in alignkit's own ``pyproject.toml`` exactly like a third-party package declares
+its own. Selection is by ``class_path`` in the recipe; only the selected instances are registered with
+a run's manager, so competing implementations never race. Built-in defaults are registered ``trylast``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from alignkit import hookspecs
+from alignkit.plugin import Algorithm, Reward
+
+GROUP = "alignkit"
+
+
+class PluginError(RuntimeError):
+    """A plugin raised, returned the wrong type, or lacks a hook it must implement."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One entry point of the ``alignkit`` group, as listed by ``alignkit plugins``."""
+
+    name: str
+    kind: str  # algorithm | reward | task | other
+    target: str  # "module:Class"
+    distribution: str
+    version: str
+    hooks: tuple[str, ...]
+
+
+def plugin_kind(obj: Any) -> str:
+    from alignkit.task import Task
+
+    cls = obj if inspect.isclass(obj) else type(obj)
+    for base, kind in ((Algorithm, "algorithm"), (Reward, "reward"), (Task, "task")):
+        if issubclass(cls, base):
+            return kind
+    return "other"
+
+
+def implemented_hooks(obj: Any) -> tuple[str, ...]:
+    """Names of the hooks a plugin class (or instance) implements with ``@hookimpl``."""
+    return tuple(
+        name for name in dir(obj)
+        if name.startswith("alignkit_") and hasattr(getattr(obj, name, None), "alignkit_impl")
+    )
+
+
+def discover() -> list[PluginInfo]:
+    """Load every entry point of the ``alignkit`` group. A broken entry point raises a PluginError that
+    names it."""
+    infos = []
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # an outside package's import error must name that package
+            raise PluginError(f"entry point {ep.name} = {ep.value!r} failed to load: {exc}") from exc
+        dist = ep.dist
+        infos.append(PluginInfo(
+            name=ep.name, kind=plugin_kind(obj), target=ep.value,
+            distribution=dist.name if dist else "?", version=dist.version if dist else "?",
+            hooks=implemented_hooks(obj),
+        ))
+    return infos
+
+
+def find_task(name: str):
+    """The task class registered under entry-point ``name`` (e.g. "sentiment")."""
+    tasks = {ep.name: ep for ep in entry_points(group=GROUP)}
+    if name not in tasks:
+        known = sorted(i.name for i in discover() if i.kind == "task")
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(known) or 'none'}")
+    return tasks[name].load()
+
+
+def plugin_name(plugin: Any) -> str:
+    return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+
+
+def build_manager(plugins: list[Any]) -> pluggy.PluginManager:
+    """A fresh manager holding the built-in defaults (``trylast``) and the given plugin instances."""
+    from alignkit.defaults import DEFAULTS
+
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    for plugin in [*DEFAULTS, *plugins]:
+        try:
+            pm.register(plugin, name=f"{plugin_name(plugin)}#{id(plugin)}")
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {plugin_name(plugin)} does not match the hook specifications: {exc}") from exc
+    try:
+        pm.check_pending()  # an @hookimpl whose name is no known hook (a typo) is an error
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return pm
+
+
+def _short(plugin_name: str) -> str:
+    return plugin_name.split("#")[0]
+
+
+def _check(hook: str, plugin: str, result: Any, expect: type | tuple[type, ...]) -> None:
+    if not isinstance(result, expect):
+        names = expect.__name__ if isinstance(expect, type) else " or ".join(t.__name__ for t in expect)
+        raise PluginError(f"plugin {plugin} returned {type(result).__name__} from hook {hook}, expected {names}")
+
+
+def call_first(pm: pluggy.PluginManager, hook: str, expect: type | tuple[type, ...], **kwargs) -> Any:
+    """Call a firstresult hook; a failure, a missing answer or a wrong type raises a PluginError naming
+    the plugin and the hook."""
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):  # pluggy's call order (LIFO)
+        result = _call(hook, impl, kwargs)
+        if result is not None:
+            _check(hook, _short(impl.plugin_name), result, expect)
+            return result
+    raise PluginError(f"no plugin implements hook {hook}; the selected algorithm must provide it")
+
+
+def call_each(pm: pluggy.PluginManager, hook: str, expect: type | tuple[type, ...], **kwargs) -> list[Any]:
+    """Call every implementation of a hook (in pluggy's order); None answers are skipped."""
+    results = []
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        result = _call(hook, impl, kwargs)
+        if result is not None:
+            _check(hook, _short(impl.plugin_name), result, expect)
+            results.append(result)
+    return results
+
+
+def _call(hook: str, impl, kwargs: dict[str, Any]) -> Any:
+    args = {name: kwargs[name] for name in impl.argnames}  # pluggy passes only the arguments asked for
+    try:
+        return impl.function(**args)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {_short(impl.plugin_name)} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc

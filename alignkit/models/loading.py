@@ -1,0 +1,125 @@
+"""Load models and tokenizers: any HF hub name or local directory through the ``Auto*`` classes, or the
+built-in tiny model. Every stage writes ``save_pretrained`` output that plain ``transformers`` loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from alignkit.models.tiny import TinyModelConfig, build_tiny_model
+
+ModelHead = Literal["causal_lm", "sequence_classification"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft. With LoRA, the reference policy is the policy with adapters disabled."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or "all-linear"."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name_or_path: str = "tiny"
+    """HF hub name or local directory (e.g. a previous stage's ``model/``), or "tiny" for the built-in tiny
+    Llama trained from scratch."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the tiny model (used only when ``name_or_path`` is "tiny")."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype at load time (mixed precision is the trainer's ``precision``)."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights."""
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+def _source(cfg: ModelConfig) -> str:
+    """The path or hub name, with a clear error for a local path that does not exist."""
+    name = cfg.name_or_path
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"model name_or_path {name!r}: no such model directory (config.json missing)")
+    return str(Path(name).expanduser()) if looks_local else name
+
+
+def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (or build) a model with the requested head, and its tokenizer."""
+    if cfg.name_or_path == "tiny":
+        model, tokenizer = build_tiny_model(cfg.tiny)
+        if head == "sequence_classification":
+            model = LlamaForSequenceClassification(model.config.__class__(**{**model.config.to_dict(), "num_labels": 1}))
+    else:
+        source = _source(cfg)
+        kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            if head == "causal_lm":
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+        except OSError as exc:
+            raise OSError(f"model name_or_path {cfg.name_or_path!r} could not be loaded: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(DTYPES[cfg.dtype])
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora is not None:
+        model = _add_lora(model, cfg.lora, head)
+    return model, tokenizer
+
+
+def _add_lora(model: PreTrainedModel, lora: LoraSettings, head: ModelHead) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task_type = TaskType.CAUSAL_LM if head == "causal_lm" else TaskType.SEQ_CLS
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real (non-pad) token of each row, for left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(-1)
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar score of each sequence read at its last real token (never at a pad), (B, T) -> (B,).
+
+    Decoder classifiers (``*ForSequenceClassification`` with a ``score`` head) are pooled here from the
+    per-token scores, independent of which id the padding uses; other classifiers use their own pooling.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap peft; adapters stay active
+    head = getattr(base, "score", None)
+    if isinstance(head, nn.Module):
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        index = last_token_index(attention_mask)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
+        return head(pooled).squeeze(-1).float()
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,245 @@
+"""The LightningModule that holds the models and delegates the math to the selected algorithm plugin.
+
+Lightning owns the loop (devices, strategies, precision, checkpointing, logging); the algorithm owns the
+math through the hooks of :mod:`alignkit.hookspecs`. Offline algorithms use automatic optimisation:
+one ``alignkit_loss`` per batch. Online algorithms use manual optimisation: rollout → score →
+experience → ``update_epochs`` × minibatches of updates, all inside one ``training_step``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from transformers import get_scheduler
+
+from alignkit.manager import PluginError, call_each, call_first, build_manager
+from alignkit.models.loading import ModelConfig, load_model
+from alignkit.plugin import Algorithm, Reward, RewardOutput
+from alignkit.rewards import RunningMoments, combine_rewards, normalize_rewards
+from alignkit.types import LossOutput, Rollout
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up, over the trainer's total optimiser steps."""
+
+
+@dataclass
+class RewardCombination:
+    """How the reward plugins' scores become one reward: weighted sum, then normalisation and clipping."""
+
+    normalize: Literal["none", "batch", "running"] = "none"
+    """``batch``: whiten within each batch; ``running``: divide by running statistics over all steps."""
+    clip: float | None = None
+    """Clip the combined reward to [-clip, clip] after normalisation."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or reward became NaN/inf; the message names the step and the quantity."""
+
+
+class AlignModule(L.LightningModule):
+    """Policy, optional frozen reference, reward plugins and the algorithm plugin that trains them."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        policy: ModelConfig = ModelConfig(),
+        reference: ModelConfig | None = None,
+        rewards: list[Reward] | None = None,
+        reward_combination: RewardCombination = RewardCombination(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        plugins: list[Any] | None = None,
+        skip_nonfinite: bool = False,
+    ):
+        """
+        Args:
+            algorithm: the algorithm plugin (``class_path`` + ``init_args``) that owns the math.
+            policy: the trained model: a causal LM, or the scorer of a reward-model stage.
+            reference: the frozen reference policy when the algorithm needs one (default: a frozen copy of
+                the initial policy; with LoRA, the policy with its adapters disabled).
+            rewards: reward plugins scoring online samples; their weighted sum is the reward.
+            reward_combination: normalisation and clipping of the combined reward.
+            optimizer: optimiser and learning-rate schedule.
+            plugins: extra plugin instances to register (e.g. a faster rollout engine).
+            skip_nonfinite: skip a batch whose loss is NaN/inf instead of stopping the run.
+        """
+        super().__init__()
+        self.algorithm = algorithm
+        self.policy_config, self.optimizer_config = policy, optimizer
+        self.reward_combination, self.skip_nonfinite = reward_combination, skip_nonfinite
+        self.policy, self.tokenizer = load_model(policy, algorithm.model_head)
+        self.reference = self._build_reference(reference) if algorithm.needs_reference else None
+        self.rewards = nn.ModuleList(rewards or [])
+        self.rewards.requires_grad_(False)
+        self.reward_moments = RunningMoments()
+        self.pm = build_manager([algorithm, *self.rewards, *(plugins or [])])
+        self.automatic_optimization = not algorithm.online
+        call_each(self.pm, "alignkit_configure", object, module=self)
+
+    # ------------------------------------------------------------------------------------------ models
+    def _build_reference(self, config: ModelConfig | None) -> nn.Module | None:
+        if config is None and self.policy_config.lora is not None:
+            return None  # the policy with adapters disabled is the reference: no second copy
+        reference = load_model(config, "causal_lm")[0] if config is not None else copy.deepcopy(self.policy)
+        return reference.requires_grad_(False).eval()
+
+    @contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The frozen reference policy, for use under ``torch.no_grad()``."""
+        if self.reference is not None:
+            yield self.reference
+        elif hasattr(self.policy, "disable_adapter"):
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            raise PluginError(f"algorithm {self.algorithm.name} asked for a reference model but none was built")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.reference, self.rewards):
+            if frozen is not None:
+                frozen.eval()  # frozen models never run dropout
+        return self
+
+    def export(self, path: str) -> None:
+        """Write the trained model and tokenizer with ``save_pretrained`` (LoRA adapters merged)."""
+        model = self.policy
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    # ------------------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx: int):
+        if self.algorithm.online:
+            return self.online_step(batch)
+        out = self.loss(batch)
+        if out is None:
+            return None
+        self.log_stats(out.stats, prefix="", batch=batch, extra={"train/loss": out.loss.detach()})
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx: int):
+        if self.algorithm.online:
+            return None  # online algorithms are evaluated by `alignkit eval`
+        out = self.loss(batch, stage="val")
+        if out is not None:
+            self.log_stats(out.stats, prefix="val/", batch=batch, extra={"val/loss": out.loss.detach()}, on_epoch=True)
+
+    def loss(self, batch, stage: str = "train") -> LossOutput | None:
+        out = call_first(self.pm, "alignkit_loss", LossOutput, module=self, batch=batch)
+        if not torch.isfinite(out.loss).all():
+            return self.nonfinite(f"{stage} loss", out.loss)
+        return out
+
+    def nonfinite(self, quantity: str, value: Tensor) -> None:
+        message = f"step {self.global_step}: {quantity} is {value.detach().float().flatten()[:4].tolist()} (not finite)"
+        if not self.skip_nonfinite:
+            raise NonFiniteError(message + "; set model.skip_nonfinite=true to skip such batches")
+        self.print(f"skipping batch: {message}")
+        return None
+
+    def online_step(self, batch) -> None:
+        rollout = call_first(self.pm, "alignkit_rollout", Rollout, module=self, batch=batch)
+        scores, reward_stats = self.score(rollout)
+        if not torch.isfinite(scores).all():
+            return self.nonfinite("reward", scores)
+        experience = call_first(self.pm, "alignkit_experience", object, module=self, rollout=rollout, scores=scores)
+        update_stats = self.update(experience)
+        call_each(self.pm, "alignkit_after_update", object, module=self, experience=experience, stats=update_stats)
+        metrics = {**reward_stats, **update_stats}
+        for extra in call_each(self.pm, "alignkit_metrics", dict, module=self, rollout=rollout, experience=experience):
+            metrics.update(extra)
+        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout.prompts))
+        self.lr_schedulers().step()
+
+    def update(self, experience: Any) -> dict[str, float]:
+        """``update_epochs`` passes over the experience; each minibatch (a list of micro-batches whose
+        gradients accumulate) is one optimiser step. Returns the mean of the loss statistics."""
+        algorithm, optimizer = self.algorithm, self.optimizers()
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(algorithm.update_epochs):
+            epoch_kl, epoch_n = 0.0, 0
+            minibatches = call_first(self.pm, "alignkit_minibatches", Iterable, module=self, experience=experience)
+            for micro_batches in minibatches:
+                optimizer.zero_grad()
+                for micro in micro_batches:
+                    out = self.loss(micro)
+                    if out is None:
+                        continue
+                    self.manual_backward(out.loss / len(micro_batches))
+                    for key, value in out.stats.items():
+                        totals[key] = totals.get(key, 0.0) + float(value)
+                    count += 1
+                    epoch_kl += float(out.stats.get("policy/approxkl", 0.0))
+                    epoch_n += 1
+                if algorithm.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=algorithm.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+            if algorithm.target_approx_kl is not None and epoch_n and epoch_kl / epoch_n > algorithm.target_approx_kl:
+                break  # early stop: the policy moved too far from the sampling policy
+        return {key: total / max(count, 1) for key, total in totals.items()}
+
+    def score(self, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
+        """Every reward plugin scores the rollout; the weighted sum is normalised and clipped."""
+        outputs: list[RewardOutput] = call_each(self.pm, "alignkit_score", RewardOutput, prompts=rollout.prompts,
+                                                responses=rollout.responses, rollout=rollout)
+        if not outputs:
+            raise PluginError("no reward plugin scored the rollout: list at least one under model.rewards")
+        weights = {r.reward_name: r.weight for r in self.rewards}
+        named = {o.name: o.scores.to(self.device).float() for o in outputs}
+        combined, parts = combine_rewards(named, {name: weights.get(name, 1.0) for name in named})
+        stats = {f"objective/scores/{name}": float(part.mean()) for name, part in parts.items()} if len(parts) > 1 else {}
+        for o in outputs:
+            stats.update({f"rewards/{o.name}/{k}": float(v) for k, v in o.stats.items()})
+        stats["objective/scores"] = float(combined.mean())
+        cfg = self.reward_combination
+        combined = normalize_rewards(combined, cfg.normalize, self.reward_moments, cfg.clip)
+        return combined.detach(), stats
+
+    # ------------------------------------------------------------------------------------------ logging
+    def log_stats(self, stats: dict[str, Any], prefix: str, batch: Any, extra: dict[str, Any], on_epoch: bool = False):
+        size = getattr(batch, "num_pairs", None) or len(getattr(batch, "input_ids", [0]))
+        values = {**extra, **{prefix + k: v for k, v in stats.items()}}
+        self.log_dict({k: float(v) for k, v in values.items()}, on_step=not on_epoch, on_epoch=on_epoch,
+                      batch_size=size, prog_bar=False, sync_dist=on_epoch)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["alignkit"] = {"reward_moments": self.reward_moments.state_dict(),
+                                  "algorithm": getattr(self.algorithm, "extra_state", lambda: {})()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("alignkit", {})
+        if "reward_moments" in state:
+            self.reward_moments.load_state_dict(state["reward_moments"])
+        if state.get("algorithm") and hasattr(self.algorithm, "load_extra_state"):
+            self.algorithm.load_extra_state(state["algorithm"])

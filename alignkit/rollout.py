@@ -1,0 +1,201 @@
+"""The shared rollout engine: batched sampling of completions with a KV cache, stop handling, and the
+recomputation of the sampled tokens' log-probabilities exactly as the training forward computes them.
+
+Shapes: ``B`` batch, ``P`` prompt length, ``R`` response length, ``T = P + R``, ``V`` vocabulary size.
+Prompts are left padded so that every response starts at column ``P``.
+
+Positions are always derived from the attention mask (``cumsum - 1``, clamped at 0), during generation
+and in :func:`response_logprobs`, so left padding never shifts a prompt's positions. This matches what
+``transformers`` 5 ``generate`` does when given an attention mask; note that a plain model forward in
+``transformers`` 5 does *not* do it (it falls back to ``arange``), so callers must pass ``position_ids``.
+
+Sampling is a small loop over the model's KV cache rather than ``model.generate``: ``generate`` draws
+with ``torch.multinomial`` on the global RNG and takes no ``torch.Generator``, while this loop threads
+an explicit generator through every draw, so a rollout is reproducible without touching global state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from alignkit import ops
+from alignkit.types import Rollout
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled."""
+
+    max_new_tokens: int = 32
+    """Maximum number of response tokens per prompt."""
+    temperature: float = 1.0
+    """Logits are divided by this before sampling; the recomputed log-probs use the same scaling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the top_k most likely tokens before sampling (0 = off)."""
+    do_sample: bool = True
+    """Sample from the distribution; False decodes greedily (argmax of the raw logits)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """A response ends at the first token whose decoded prefix contains any of these strings."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response, in addition to the tokenizer's EOS token."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must not contain empty strings")
+        if any(i < 0 for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left pad token id lists into ``input_ids (B, L)`` and ``attention_mask (B, L)`` (both int64),
+    ``L`` being the longest sequence."""
+    length = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, length - len(seq):] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that ignore left padding: ``cumsum(mask) - 1`` clamped at 0. ``(B, T) -> (B, T)``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters
+
+
+def response_logprobs(model: torch.nn.Module, sequences: Tensor, attention_mask: Tensor,
+                      prompt_length: int, temperature: float) -> Tensor:
+    """log softmax(logits / temperature) of every response token, from one forward pass.
+
+    sequences, attention_mask: ``(B, P + R)``, left-padded prompts then right-padded responses;
+    ``attention_mask[:, P:]`` is the response mask. Returns ``(B, R)`` float32, 0 where the response
+    mask is 0. Differentiable (no ``no_grad`` here): the PPO training forward calls it too.
+    """
+    if prompt_length < 1:
+        raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
+    response_length = sequences.shape[1] - prompt_length
+    kwargs = {}
+    if _accepts(model, "logits_to_keep"):  # only the logits that predict response tokens
+        kwargs["logits_to_keep"] = response_length + 1
+    logits = model(input_ids=sequences, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
+    logits = logits[:, -(response_length + 1):-1]  # (B, R, V): position t predicts token t + 1
+    logprobs = ops.token_logprobs(logits, sequences[:, prompt_length:], temperature)
+    return logprobs * attention_mask[:, prompt_length:].to(logprobs.dtype)
+
+
+def _sample_next(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> Tensor:
+    """Next token per row from the last-position logits ``(B, V)`` -> ``(B,)``."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / config.temperature
+    if 0 < config.top_k < logits.shape[-1]:
+        kth = logits.topk(config.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
+        drop = (probs.cumsum(-1) - probs) >= config.top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _contains_stop(tokenizer, tokens: Tensor, stop_strings: list[str]) -> bool:
+    text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+    return any(s in text for s in stop_strings)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mask: Tensor,
+             prompts: list[str], config: SamplingConfig,
+             generator: torch.Generator | None = None) -> Rollout:
+    """Sample one completion per prompt and return it as a :class:`Rollout`.
+
+    input_ids, attention_mask: ``(B, P)`` left-padded prompts on the model's device. ``generator``
+    (on that device too) drives every random draw; with ``None`` the global RNG is used, so seed it
+    with ``torch.manual_seed`` for reproducibility. The model runs in eval mode without gradients and
+    gets its previous mode back afterwards.
+
+    A response stops at the first EOS / ``stop_token_ids`` token or at the first token whose decoded
+    prefix contains a stop string; that token is kept, everything after it is ``pad_token_id`` and
+    masked out. ``R`` is the longest kept response. ``logprobs`` are recomputed with
+    :func:`response_logprobs` (one forward pass, ``logits / temperature``, no top-k / top-p
+    renormalisation), i.e. exactly what the training forward sees. Stop strings are checked by decoding
+    each unfinished response after every step, which costs ``O(R²)`` decoding per row.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer needs a pad_token_id or an eos_token_id")
+    stop_ids = list(config.stop_token_ids)
+    if tokenizer.eos_token_id is not None:
+        stop_ids.append(tokenizer.eos_token_id)
+    batch, prompt_length = input_ids.shape
+    device = input_ids.device
+    stop_ids_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        mask = attention_mask.long()
+        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=True, **kwargs)
+        response = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
+        lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+        ended = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(config.max_new_tokens):
+            token = _sample_next(out.logits[:, -1], config, generator)
+            token = torch.where(ended, torch.full_like(token, pad_id), token)
+            response[:, step] = token
+            stopped = ~ended & torch.isin(token, stop_ids_t)
+            if config.stop_strings:
+                for row in (~ended & ~stopped).nonzero().flatten().tolist():
+                    if _contains_stop(tokenizer, response[row, :step + 1], config.stop_strings):
+                        stopped[row] = True
+            lengths = torch.where(stopped, step + 1, lengths)
+            ended |= stopped
+            if bool(ended.all()) or step + 1 == config.max_new_tokens:
+                break
+            # finished rows keep feeding pad tokens (unmasked, so positions stay contiguous); their
+            # outputs are discarded
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask,
+                        position_ids=position_ids_from_mask(mask)[:, -1:],
+                        past_key_values=out.past_key_values, use_cache=True)
+
+        response_length = int(lengths.max())
+        response = response[:, :response_length]
+        response_mask = (torch.arange(response_length, device=device)[None, :] < lengths[:, None]).long()
+        response = response.masked_fill(response_mask == 0, pad_id)
+        sequences = torch.cat([input_ids, response], dim=1)
+        full_mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
+        logprobs = response_logprobs(model, sequences, full_mask, prompt_length, config.temperature)
+    finally:
+        model.train(was_training)
+
+    responses = [tokenizer.decode(response[row, :int(lengths[row])].tolist(), skip_special_tokens=True)
+                 for row in range(batch)]
+    return Rollout(sequences=sequences, attention_mask=full_mask, response_mask=response_mask,
+                   logprobs=logprobs, ended=ended, prompt_length=prompt_length, prompts=list(prompts),
+                   responses=responses)

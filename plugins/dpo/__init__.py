@@ -1,0 +1,1 @@
+"""Direct preference optimisation (DPO) and its loss variants."""

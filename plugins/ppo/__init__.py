@@ -1,0 +1,1 @@
+"""PPO (Schulman et al. 2017) for RLHF; the loss and advantage math lives in ``alignkit_plugins.ppo.math``."""
