@@ -11,6 +11,7 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from alignkit.collect import collect
 from alignkit.data.formats import DataError
 from alignkit.manager import PluginError, discover
 from alignkit.module import NonFiniteError
@@ -84,7 +85,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
     return outputs
 
 
-COMMANDS = {"pipeline": pipeline, "plugins": plugins}
+COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect}
 
 
 def run(name: str, argv: list[str]) -> object:

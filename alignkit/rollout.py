@@ -199,3 +199,20 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
     return Rollout(sequences=sequences, attention_mask=full_mask, response_mask=response_mask,
                    logprobs=logprobs, ended=ended, prompt_length=prompt_length, prompts=list(prompts),
                    responses=responses)
+
+
+def sample_texts(model: torch.nn.Module, tokenizer, prompts: list[str], config: SamplingConfig,
+                 batch_size: int = 64, generator: torch.Generator | None = None,
+                 chat_template: bool = False) -> list[Rollout]:
+    """Sample one completion per prompt in batches of ``batch_size``, prompts encoded exactly as
+    :class:`alignkit.data.PromptData` encodes them. Returns one :class:`Rollout` per batch."""
+    from alignkit.data.tokenize import encode_prompt
+
+    device = next(model.parameters()).device
+    rollouts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        ids, mask = left_pad([encode_prompt(tokenizer, p, chat_template) for p in chunk],
+                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        rollouts.append(generate(model, tokenizer, ids.to(device), mask.to(device), chunk, config, generator))
+    return rollouts
