@@ -39,12 +39,19 @@ class Stage:
     """One step of a pipeline."""
 
     name: str
-    """Stage name; ``{name}`` in later stages' args is replaced by this stage's run directory."""
+    """Stage name; ``${name}`` in later stages' args is replaced by this stage's run directory."""
     recipe: str | None = None
     """Recipe YAML, relative to the pipeline file (for ``fit`` stages)."""
     command: Literal["fit", "collect", "eval"] = "fit"
     args: list[str] = field(default_factory=list)
-    """Command-line arguments/overrides, e.g. ``--model.policy.name_or_path={sft}/model``."""
+    """Command-line arguments/overrides, e.g. ``--model.policy.name_or_path=${sft}/model``."""
+
+
+def substitute(arg: str, outputs: dict[str, Path]) -> str:
+    """Replace ``${stage}`` by that stage's run directory."""
+    for name, path in outputs.items():
+        arg = arg.replace("${" + name + "}", str(path))
+    return arg
 
 
 def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | None = None,
@@ -71,7 +78,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
         if (stage_dir / METRICS_FILE).exists():
             print(f"[pipeline] {stage.name}: already finished in {stage_dir}, skipped")
             continue
-        args = [a.format(**{k: str(v) for k, v in outputs.items()}) for a in stage.args]
+        args = [substitute(a, outputs) for a in stage.args]
         print(f"[pipeline] {stage.name}: {stage.command} {' '.join(shlex.quote(a) for a in args)}")
         if stage.command == "fit":
             if stage.recipe is None:

@@ -9,12 +9,15 @@ experience → ``update_epochs`` × minibatches of updates, all inside one ``tra
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 import torch
 from torch import Tensor, nn
 from transformers import get_scheduler
@@ -66,6 +69,7 @@ class AlignModule(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         plugins: list[Any] | None = None,
         skip_nonfinite: bool = False,
+        completions_per_step: int = 4,
     ):
         """
         Args:
@@ -78,11 +82,15 @@ class AlignModule(L.LightningModule):
             optimizer: optimiser and learning-rate schedule.
             plugins: extra plugin instances to register (e.g. a faster rollout engine).
             skip_nonfinite: skip a batch whose loss is NaN/inf instead of stopping the run.
+            completions_per_step: sampled prompt/response/score rows recorded per online step, appended to
+                ``completions.jsonl`` in the run directory and to a wandb table that keeps every step's rows.
         """
         super().__init__()
         self.algorithm = algorithm
         self.policy_config, self.optimizer_config = policy, optimizer
         self.reward_combination, self.skip_nonfinite = reward_combination, skip_nonfinite
+        self.completions_per_step = completions_per_step
+        self.completion_rows: list[list[Any]] = []
         self.policy, self.tokenizer = load_model(policy, algorithm.model_head)
         self.reference = self._build_reference(reference) if algorithm.needs_reference else None
         self.rewards = nn.ModuleList(rewards or [])
@@ -178,7 +186,25 @@ class AlignModule(L.LightningModule):
             metrics.update(extra)
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout.prompts))
+        self.record_completions(rollout, scores)
         self.lr_schedulers().step()
+
+    def record_completions(self, rollout: Rollout, scores: Tensor) -> None:
+        """Append a few samples of this step to ``completions.jsonl`` and to the wandb completions table.
+        The table is logged whole each time, so every step's rows stay visible (never overwritten)."""
+        n = min(self.completions_per_step, len(rollout.prompts))
+        if n == 0 or not self.trainer.is_global_zero:
+            return
+        rows = [[self.global_step, rollout.prompts[i], rollout.responses[i], float(scores[i])] for i in range(n)]
+        self.completion_rows.extend(rows)
+        path = Path(self.trainer.default_root_dir) / "completions.jsonl"
+        with path.open("a") as f:
+            for step, prompt, response, score in rows:
+                f.write(json.dumps({"step": step, "prompt": prompt, "response": response, "score": score}) + "\n")
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("completions", columns=["step", "prompt", "response", "score"],
+                                 data=self.completion_rows[-2000:], step=self.global_step)
 
     def update(self, experience: Any) -> dict[str, float]:
         """``update_epochs`` passes over the experience; each minibatch (a list of micro-batches whose

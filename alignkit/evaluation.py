@@ -1,0 +1,438 @@
+"""``alignkit eval``: judge policies against a task's gold reward (simulated human feedback).
+
+Every policy samples one response per evaluation prompt with the same sampling settings and the same
+seed, and is reported on
+
+- the gold reward (mean and standard deviation over prompts): the quantity alignment should raise;
+- the proxy reward of a reward plugin (e.g. a trained reward model): what an optimiser actually saw;
+- KL(π‖π_ref) from the reference policy, estimated from the sampled tokens: the price paid;
+- the gold win rate against the reference policy's responses to the same prompts;
+- response length and distinct-1/2 (diversity), which expose length hacking and mode collapse;
+
+plus a best-of-n baseline: the reference policy samples n responses per prompt, the proxy picks one,
+and the gold reward of the picks tells how much a policy-free use of the proxy buys.
+
+Shapes: ``B`` sequences, ``R`` response length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alignkit.models.loading import ModelConfig, load_model
+from alignkit.plugin import Reward
+from alignkit.rollout import SamplingConfig, response_logprobs, sample_texts
+from alignkit.run import METRICS_FILE, RunExistsError, atomic_write_json, default_run_dir
+from alignkit.task import Task
+from alignkit.types import Rollout
+
+#: Name under which a ``reference`` that is not one of the policies is evaluated.
+REFERENCE_NAME = "reference"
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def sequence_kl(policy_logps: Tensor, ref_logps: Tensor, mask: Tensor) -> Tensor:
+    """Per-sequence estimate of KL(π‖π_ref) from one sampled response.
+
+    For a response ``y = (y_1 … y_R)`` sampled from π, with ``m_t`` its mask::
+
+        k(y) = Σ_t m_t · (log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t))      (nats)
+
+    Since ``E_{y∼π}[log π(y|x) − log π_ref(y|x)] = KL(π(·|x) ‖ π_ref(·|x))`` (the sequence
+    log-probability is the sum of the token log-probabilities), ``k(y)`` is an unbiased Monte-Carlo
+    estimate of the sequence-level KL when ``y`` is drawn from π itself (temperature 1, no top-k /
+    top-p). A single estimate can be negative; only its mean over samples is a KL.
+
+    Args:
+        policy_logps: ``(B, R)`` log π of the sampled tokens.
+        ref_logps: ``(B, R)`` log π_ref of the same tokens.
+        mask: ``(B, R)`` 1 on response tokens, 0 on padding (padding values of the log-probs are ignored).
+
+    Returns:
+        ``(B,)`` per-sequence estimates, in float32 (float64 if an input is float64).
+    """
+    if policy_logps.shape != ref_logps.shape or policy_logps.shape != mask.shape or policy_logps.dim() != 2:
+        raise ValueError(f"policy_logps, ref_logps and mask must all be (B, R), got {tuple(policy_logps.shape)}, "
+                         f"{tuple(ref_logps.shape)} and {tuple(mask.shape)}")
+    dtype = torch.promote_types(torch.promote_types(policy_logps.dtype, ref_logps.dtype), torch.float32)
+    diff = policy_logps.to(dtype) - ref_logps.to(dtype)
+    return torch.where(mask.bool(), diff, torch.zeros_like(diff)).sum(-1)
+
+
+def distinct_n(responses: list[str], n: int) -> float:
+    """Distinct-n diversity (Li et al. 2016) of a set of responses.
+
+    Each response is split on whitespace; its n-grams are the runs of ``n`` consecutive words (no
+    n-gram crosses two responses)::
+
+        distinct_n = |{all n-grams}| / Σ_responses #n-grams      (0 when there is no n-gram)
+
+    1 means no n-gram is ever repeated, within or across responses; mode collapse drives it to 0.
+
+    Args:
+        responses: the texts.
+        n: the n-gram order, ``>= 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for response in responses:
+        words = response.split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def win_rate(gold_policy: list[float], gold_reference: list[float]) -> float:
+    """Fraction of prompts on which the policy's response beats the reference's under the gold reward::
+
+        win_rate = (1/N) Σ_i [ 1(g_i > h_i) + ½·1(g_i = h_i) ]
+
+    with ``g_i`` / ``h_i`` the gold rewards of the policy's / the reference's response to prompt i
+    (ties count one half, so a policy against itself scores exactly 0.5).
+
+    Args:
+        gold_policy: gold reward of the policy's response to each prompt.
+        gold_reference: gold reward of the reference's response to the same prompts, in the same order.
+    """
+    if len(gold_policy) != len(gold_reference):
+        raise ValueError(f"{len(gold_policy)} policy rewards but {len(gold_reference)} reference rewards")
+    if not gold_policy:
+        raise ValueError("win_rate needs at least one prompt")
+    wins = sum(1.0 if g > h else 0.5 if g == h else 0.0 for g, h in zip(gold_policy, gold_reference))
+    return wins / len(gold_policy)
+
+
+def best_of_n_pick(proxy: list[float], gold: list[float], n: int) -> list[float]:
+    """Gold reward of the best-of-n choice per prompt.
+
+    ``proxy`` and ``gold`` hold ``n`` consecutive entries per prompt (prompt i owns entries
+    ``[i·n, (i+1)·n)``); for each prompt the response with the highest proxy score is picked (the first
+    one on a tie) and its gold reward returned.
+
+    Args:
+        proxy: proxy score of each response, ``P·n`` entries.
+        gold: gold reward of each response, ``P·n`` entries.
+        n: responses per prompt, ``>= 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if len(proxy) != len(gold) or len(proxy) % n:
+        raise ValueError(f"proxy ({len(proxy)}) and gold ({len(gold)}) need the same length, a multiple of n={n}")
+    picks = []
+    for start in range(0, len(proxy), n):
+        scores = proxy[start:start + n]
+        picks.append(gold[start + scores.index(max(scores))])
+    return picks
+
+
+def best_of_n_kl(n: int) -> float:
+    """``log n − (n − 1)/n``: the usual analytic value of KL(best-of-n ‖ π_ref) in nats (Stiennon et
+    al. 2020); it is an upper bound on the true KL (Beirami et al. 2024), exact when no two samples tie."""
+    return math.log(n) - (n - 1) / n
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class EvalResult:
+    """What ``alignkit eval`` reports for one policy (means are over the evaluation prompts)."""
+
+    name: str
+    """The policy's name (a key of ``policies``)."""
+    gold_mean: float
+    """Mean gold reward of its responses."""
+    gold_std: float
+    """Standard deviation of the gold reward over prompts (divisor N)."""
+    proxy_mean: float | None
+    """Mean score under the proxy reward plugin (None without one)."""
+    kl_mean: float
+    """Mean per-sequence estimate of KL(π‖π_ref) in nats (see :func:`sequence_kl`)."""
+    win_rate: float | None
+    """Gold win rate against the reference policy's responses (None for the reference itself)."""
+    response_len_mean: float
+    """Mean response length in tokens (the stop token included)."""
+    distinct_1: float
+    distinct_2: float
+    best_of_n_gold: float | None
+    """Mean gold reward of the proxy's best-of-n pick among the policy's samples (reference only)."""
+    num_prompts: int
+
+    def metrics(self) -> dict[str, float]:
+        """The logged metrics (``eval/*`` names); entries whose value is None are left out."""
+        values = {
+            "eval/gold_reward": self.gold_mean,
+            "eval/gold_reward_std": self.gold_std,
+            "eval/proxy_reward": self.proxy_mean,
+            "eval/kl": self.kl_mean,
+            "eval/win_rate": self.win_rate,
+            "eval/response_len": self.response_len_mean,
+            "eval/distinct_1": self.distinct_1,
+            "eval/distinct_2": self.distinct_2,
+            "eval/best_of_n_gold": self.best_of_n_gold,
+        }
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+
+@dataclass
+class _Samples:
+    """One policy's samples on the evaluation prompts, flattened over the batches."""
+
+    responses: list[str]
+    gold: list[float]
+    proxy: list[float] | None
+    kl: list[float]
+    lengths: list[int]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def _proxy_scores(reward: Reward, rollout: Rollout) -> list[float]:
+    out = reward.score(rollout.prompts, rollout.responses, rollout)
+    scores = out.scores.detach().float().reshape(-1).cpu().tolist()
+    if len(scores) != len(rollout.responses):
+        raise ValueError(f"reward {reward.reward_name!r} returned {len(scores)} scores for "
+                         f"{len(rollout.responses)} responses")
+    return scores
+
+
+def _sample(model, tokenizer, prompts: list[str], sampling: SamplingConfig, batch_size: int,
+            seed: int) -> list[Rollout]:
+    """One response per prompt, from a fresh generator seeded with ``seed`` on the model's device."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return sample_texts(model, tokenizer, prompts, sampling, batch_size, generator)
+
+
+@torch.no_grad()
+def _score(model, ref_model, rollouts: list[Rollout], task: Task, reward: Reward | None,
+           temperature: float) -> _Samples:
+    """Gold, proxy and the KL estimate of every sampled response."""
+    responses, prompts, kl, lengths, proxy = [], [], [], [], []
+    was_training = ref_model.training
+    ref_model.eval()
+    try:
+        for ro in rollouts:
+            if ref_model is model:  # the reference itself: log π_ref is log π, already computed
+                ref_logps = ro.logprobs
+            else:
+                ref_logps = response_logprobs(ref_model, ro.sequences, ro.attention_mask, ro.prompt_length,
+                                              temperature)
+            kl += sequence_kl(ro.logprobs, ref_logps, ro.response_mask).cpu().tolist()
+            lengths += ro.response_mask.sum(-1).cpu().tolist()
+            responses += ro.responses
+            prompts += ro.prompts
+            if reward is not None:
+                proxy += _proxy_scores(reward, ro)
+    finally:
+        ref_model.train(was_training)
+    return _Samples(responses, task.gold_rewards(prompts, responses), proxy if reward is not None else None,
+                    kl, lengths)
+
+
+def _check_same_vocabulary(tokenizer, ref_tokenizer, name: str) -> None:
+    if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+        raise ValueError(f"policy {name!r} and the reference use different vocabularies; KL(π‖π_ref) needs "
+                         f"both to score the same token ids")
+
+
+def _resolve_reference(policies: dict[str, str], reference: str | None) -> tuple[dict[str, str], str]:
+    """(policies with the reference among them, the reference's name)."""
+    if not policies:
+        raise ValueError("policies is empty: give at least one name -> model directory / HF name")
+    if reference is None:
+        return dict(policies), next(iter(policies))
+    if reference in policies:
+        return dict(policies), reference
+    for name, path in policies.items():
+        if path == reference:
+            return dict(policies), name
+    if REFERENCE_NAME in policies:
+        raise ValueError(f"reference {reference!r} is neither a policy name nor a policy path, and the name "
+                         f"{REFERENCE_NAME!r} it would get is taken")
+    return {REFERENCE_NAME: reference, **policies}, REFERENCE_NAME
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "policy"
+
+
+def _format(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(results: dict[str, EvalResult], reference: str) -> str:
+    width = max(len("policy"), *(len(n) + (4 if n == reference else 0) for n in results))
+    lines = [f"{'policy':<{width}}  {'gold':>15}  {'proxy':>8}  {'KL':>8}  {'win rate':>8}  {'length':>7}"]
+    for name, r in results.items():
+        label = f"{name} (*)" if name == reference else name
+        gold = f"{r.gold_mean:.3f} ± {r.gold_std:.3f}"
+        lines.append(f"{label:<{width}}  {gold:>15}  {_format(r.proxy_mean, '.3f'):>8}  {r.kl_mean:>8.3f}  "
+                     f"{_format(r.win_rate, '.1%'):>8}  {r.response_len_mean:>7.1f}")
+    lines.append("(*) reference: KL and win rate are measured against it")
+    return "\n".join(lines)
+
+
+def _loggers(out: Path, name: str, settings: dict[str, Any], use_wandb: bool) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers: list = [CSVLogger(save_dir=str(out), name="logs", version=_slug(name))]
+    if use_wandb:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        group = out.name
+        loggers.append(WandbLogger(project="alignkit", save_dir=str(out), offline=True, group=group,
+                                   tags=["eval"], name=f"{group}/{name}", job_type="eval",
+                                   config={**settings, "policy": name}))
+    return loggers
+
+
+def _log(out: Path, name: str, result: EvalResult, settings: dict[str, Any], use_wandb: bool) -> None:
+    """Log one policy's ``eval/*`` metrics (step 0) to its own CSV log and wandb run."""
+    for logger in _loggers(out, name, settings, use_wandb):
+        logger.log_hyperparams({**settings, "policy": name})
+        logger.log_metrics(result.metrics(), step=0)
+        logger.finalize("success")
+        if getattr(logger, "_experiment", None) is not None and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()  # the next policy gets its own wandb run
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def evaluate(policies: dict[str, str], task: Task, reference: str | None = None, reward: Reward | None = None,
+             sampling: SamplingConfig = SamplingConfig(max_new_tokens=24, temperature=1.0), best_of_n: int = 0,
+             num_prompts: int | None = None, batch_size: int = 64, seed: int = 0, run_dir: str | None = None,
+             wandb: bool = False) -> dict[str, EvalResult]:
+    """Evaluate policies on a task's evaluation prompts against its gold reward (simulated feedback).
+
+    Every policy samples one response per prompt with the same sampling settings and a generator
+    seeded with ``seed`` (on the model's device: CUDA when available, else CPU), and is scored on:
+    gold reward (mean, std), the proxy ``reward`` (mean), KL(π‖π_ref) (mean over prompts of the sum
+    over response tokens of log π − log π_ref, both from one forward pass at ``sampling.temperature``:
+    unbiased at temperature 1 without top-k / top-p; with another temperature it is the KL between the
+    tempered distributions), gold win rate against the reference policy's responses (ties ½), response
+    length in tokens, distinct-1/2. With ``best_of_n`` > 0 and a ``reward``, the reference also samples
+    n responses per prompt and the gold reward of the proxy's pick is reported. Writes ``metrics.json``
+    and per-policy CSV logs (``logs/<policy>/metrics.csv``) to the run directory, prints a table and
+    returns the results by policy name.
+
+    Args:
+        policies: name -> model directory (e.g. a stage's ``model/``) or HF name, evaluated in this order.
+        task: the task whose evaluation prompts and gold reward are used.
+        reference: the reference policy π_ref for KL and win rate: a name in ``policies``, or a model
+            directory / HF name (evaluated too, as "reference", unless it is one of the policies' paths).
+            Default: the first policy. Its tokenizer's vocabulary must be every policy's.
+        reward: proxy reward plugin (any ``Reward`` subclass, e.g. a reward model) scored on every
+            response; None skips the proxy metrics and best-of-n.
+        sampling: sampling settings shared by all policies (the task's stop string is added if it has one).
+        best_of_n: n of the best-of-n baseline on the reference under ``reward`` (0: off).
+        num_prompts: evaluate on the first this many evaluation prompts (None: all of them).
+        batch_size: prompts per generation batch.
+        seed: seed of the sampling; the same for every policy, so identical policies give identical samples.
+        run_dir: output folder (default: runs/eval/<timestamp>); must not hold a metrics.json already.
+        wandb: also log each policy's metrics to its own offline wandb run (project "alignkit",
+            group = the run directory's name, tag "eval").
+    """
+    if best_of_n < 0:
+        raise ValueError(f"best_of_n must be >= 0, got {best_of_n}")
+    if best_of_n and reward is None:
+        raise ValueError("best_of_n needs a proxy reward (--reward) to pick the best of the n samples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    policies, ref_name = _resolve_reference(policies, reference)
+    prompts = task.eval_prompts()
+    if num_prompts is not None:
+        if not 1 <= num_prompts <= len(prompts):
+            raise ValueError(f"num_prompts must lie in [1, {len(prompts)}] (the task's evaluation prompts), "
+                             f"got {num_prompts}")
+        prompts = prompts[:num_prompts]
+    if not prompts:
+        raise ValueError(f"task {task.name!r} has no evaluation prompts")
+    if task.stop and task.stop not in sampling.stop_strings:
+        sampling = replace(sampling, stop_strings=[*sampling.stop_strings, task.stop])
+
+    out = Path(run_dir) if run_dir else default_run_dir("eval")
+    if (out / METRICS_FILE).exists():
+        raise RunExistsError(f"run directory {out} already holds an evaluation ({METRICS_FILE}); choose another "
+                             f"--run_dir (nothing was overwritten)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings: dict[str, Any] = {
+        "task": task.name, "task_seed": task.seed, "num_prompts": len(prompts), "reference": ref_name,
+        "policies": dict(policies), "reward": None if reward is None else f"{type(reward).__module__}."
+        f"{type(reward).__qualname__}", "sampling": asdict(sampling), "best_of_n": best_of_n,
+        "best_of_n_kl": best_of_n_kl(best_of_n) if best_of_n else None, "batch_size": batch_size,
+        "seed": seed, "device": str(device),
+    }
+    if reward is not None:
+        reward.to(device).eval()
+
+    def load(path: str):
+        model, tokenizer = load_model(ModelConfig(name_or_path=path), "causal_lm")
+        return model.to(device).eval(), tokenizer
+
+    ref_model, ref_tokenizer = load(policies[ref_name])
+    samples: dict[str, _Samples] = {}
+    best_of_n_gold: float | None = None
+    for name in [ref_name, *(n for n in policies if n != ref_name)]:  # the reference first: others need it
+        if policies[name] == policies[ref_name]:
+            model, tokenizer = ref_model, ref_tokenizer
+        else:
+            model, tokenizer = load(policies[name])
+            _check_same_vocabulary(tokenizer, ref_tokenizer, name)
+        rollouts = _sample(model, tokenizer, prompts, sampling, batch_size, seed)
+        samples[name] = _score(model, ref_model, rollouts, task, reward, sampling.temperature)
+        if name == ref_name and best_of_n:
+            repeated = [p for p in prompts for _ in range(best_of_n)]
+            bon = _score(model, ref_model, _sample(model, tokenizer, repeated, sampling, batch_size, seed), task,
+                         reward, sampling.temperature)
+            best_of_n_gold = _mean(best_of_n_pick(bon.proxy, bon.gold, best_of_n))
+        del model, rollouts
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    results: dict[str, EvalResult] = {}
+    for name in policies:  # in the caller's order
+        s = samples[name]
+        results[name] = EvalResult(
+            name=name, gold_mean=_mean(s.gold), gold_std=statistics.pstdev(s.gold),
+            proxy_mean=_mean(s.proxy) if s.proxy is not None else None, kl_mean=_mean(s.kl),
+            win_rate=None if name == ref_name else win_rate(s.gold, samples[ref_name].gold),
+            response_len_mean=_mean([float(n) for n in s.lengths]), distinct_1=distinct_n(s.responses, 1),
+            distinct_2=distinct_n(s.responses, 2), best_of_n_gold=best_of_n_gold if name == ref_name else None,
+            num_prompts=len(prompts),
+        )
+
+    for name, result in results.items():
+        _log(out, name, result, settings, wandb)
+    atomic_write_json(out / METRICS_FILE, {
+        "settings": settings,
+        "policies": {name: {"path": policies[name], **asdict(r), "metrics": r.metrics()} for name, r in results.items()},
+    })
+    print(_table(results, ref_name))
+    if best_of_n_gold is not None:
+        print(f"best-of-{best_of_n} under the proxy on {ref_name}: gold {best_of_n_gold:.3f} "
+              f"(KL ≤ {best_of_n_kl(best_of_n):.3f})")
+    print(f"[eval] {len(results)} policies on {len(prompts)} {task.name} prompts -> {out / METRICS_FILE}")
+    return results
+
+
+__all__ = ["EvalResult", "best_of_n_kl", "best_of_n_pick", "distinct_n", "evaluate", "sequence_kl", "win_rate"]

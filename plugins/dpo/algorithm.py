@@ -1,0 +1,258 @@
+"""The DPO-family algorithm plugin (RLHF without a reward model): the policy learns directly from preference
+pairs, with the losses of :mod:`alignkit_plugins.dpo.losses` applied to policy and reference log-probs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.manager import PluginError
+from alignkit.ops import token_logprobs
+from alignkit.plugin import Algorithm, hookimpl
+from alignkit.types import LossOutput, PreferenceBatch
+from alignkit_plugins.dpo.losses import DPOVariant, dpo_loss, sequence_logps
+
+REFERENCE_CACHE_FILE = "reference_logps.pt"
+CACHE_VERSION = 1
+
+
+def concatenated_logps(model: nn.Module, batch: PreferenceBatch, length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+    """Sequence log-probabilities of the chosen and the rejected responses from ONE forward pass over all
+    ``2B`` rows of the batch.
+
+    The logits at position ``t`` predict token ``t + 1``, so the logits drop their last position and the
+    targets and ``loss_mask`` drop their first; only response tokens (``loss_mask``) count.
+
+    Args:
+        model: a causal LM (``model(input_ids=..., attention_mask=...).logits`` is ``(2B, T, V)``).
+        batch: the preference batch, rows ``[0, B)`` chosen and ``[B, 2B)`` rejected, right padded.
+        length_normalize: average the token log-probs over the response instead of summing them.
+
+    Returns:
+        ``(chosen, rejected)``, each ``(B,)`` float32: log π(y_c|x) and log π(y_r|x).
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
+    token_logps = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:])  # (2B, T-1)
+    logps = sequence_logps(token_logps, batch.loss_mask[:, 1:], length_normalize)  # (2B,)
+    pairs = batch.num_pairs
+    return logps[:pairs], logps[pairs:]
+
+
+def reference_logps_table(model: nn.Module, loaders: Iterable[Iterable[PreferenceBatch]], device: torch.device | str,
+                          length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+    """Reference log-probs of every pair the loaders yield, as two tables indexed by ``batch.index``.
+
+    Returns ``(chosen, rejected)``: float32 CPU tensors of length ``max(index) + 1``, NaN at indices no
+    loader yielded (e.g. rows dropped by the truncation policy).
+    """
+    indices, chosen, rejected = [], [], []
+    with torch.no_grad():
+        for loader in loaders:
+            for batch in loader:
+                c, r = concatenated_logps(model, batch.to(device), length_normalize)
+                indices.append(batch.index.cpu())
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+    if not indices:
+        raise PluginError("dpo: reference_logps=precompute found no preference pairs in the data loaders")
+    index = torch.cat(indices)
+    with torch.inference_mode(False):  # the first batch may arrive in validation, under inference mode
+        tables = torch.full((2, int(index.max()) + 1), float("nan"))
+        tables[0, index] = torch.cat(chosen).clone()
+        tables[1, index] = torch.cat(rejected).clone()
+    return tables[0], tables[1]
+
+
+def data_fingerprint(loaders: Iterable[Iterable[PreferenceBatch]]) -> str:
+    """A digest of the tokens and response masks of every pair, keyed by its index (independent of batch order
+    and shuffling): a cached reference table is reused only for exactly the same tokenised pairs."""
+    rows: dict[int, str] = {}
+    for loader in loaders:
+        for batch in loader:
+            pairs = batch.num_pairs
+            for i, index in enumerate(batch.index.tolist()):
+                digest = hashlib.sha256()
+                for row in (i, pairs + i):
+                    real = batch.attention_mask[row].bool()
+                    digest.update(repr((batch.input_ids[row][real].tolist(), batch.loss_mask[row][real].tolist())).encode())
+                rows[index] = digest.hexdigest()
+    return hashlib.sha256(repr(sorted(rows.items())).encode()).hexdigest()
+
+
+class DPO(Algorithm):
+    """Direct preference optimisation and its variants (IPO, conservative DPO, robust DPO, hinge/SLiC).
+
+    Each step scores the chosen and rejected responses with the policy in one concatenated forward pass,
+    takes the same log-probs under the frozen reference policy and applies the loss named by ``loss_type``.
+    Logged: ``rewards/{chosen,rejected,margins,accuracies}`` (implicit rewards β·log π/π_ref) and
+    ``logps/{chosen,rejected}`` (policy log-probs). The data's ``margin`` column is not used.
+
+    Reference log-probs are computed either live (a no-grad reference forward on every batch) or, with
+    ``reference_logps="precompute"``, once over the whole train and validation sets at the first batch
+    (before training proper; the Lightning data module's loaders are iterated directly). Every pair's
+    ``batch.index`` is its row in the data file, numbered before the train/validation hold-out, so the two
+    sets never share an index and one table serves both. The table is written to
+    ``<cache_dir>/reference_logps.pt`` and stored in checkpoints; a resumed run (or any run on exactly the
+    same tokenised pairs and policy config) reuses it, a mismatching file is recomputed.
+
+    Memory: after precomputing on a single device, the host's frozen reference copy is dropped
+    (``module.reference = None``), so its weights really are freed (checkpoints then leave it out and a
+    resume from them drops it before loading, see :meth:`load_extra_state`). Under multi-device strategies
+    (DDP, FSDP, DeepSpeed) the copy is kept — those strategies hold references to the wrapped modules — so
+    precompute saves the per-step reference forward but not its memory; every rank computes the whole
+    table and rank 0 writes the file. With LoRA there is no copy (the reference is the policy with adapters
+    disabled), so there is nothing to free.
+    """
+
+    needs_reference = True
+    data_kind = "preference"
+
+    def __init__(self, beta: float = 0.1, loss_type: DPOVariant = "sigmoid", label_smoothing: float = 0.0,
+                 length_normalize: bool = False, reference_logps: Literal["live", "precompute"] = "live",
+                 cache_dir: str | None = None):
+        """
+        Args:
+            beta: β, strength of the implicit KL penalty towards the reference (IPO: τ; hinge: 1/margin).
+            loss_type: sigmoid (DPO), ipo, cdpo (conservative DPO), robust (robust DPO) or hinge (SLiC-style).
+            label_smoothing: assumed label-flip probability ε in [0, 0.5); only for cdpo and robust.
+            length_normalize: average token log-probs over the response instead of summing (IPO's setting).
+            reference_logps: ``live``: a reference forward on every batch; ``precompute``: compute them once
+                over the train and validation sets before training, cache them and free the reference copy.
+            cache_dir: folder of the precomputed ``reference_logps.pt`` (default: the trainer's
+                ``default_root_dir``, i.e. the run directory). Only with ``reference_logps=precompute``.
+        """
+        super().__init__()
+        if reference_logps not in ("live", "precompute"):
+            raise ValueError(f"algorithm.reference_logps must be 'live' or 'precompute', got {reference_logps!r}")
+        if cache_dir is not None and reference_logps != "precompute":
+            raise ValueError("algorithm.cache_dir is only used with algorithm.reference_logps=precompute")
+        try:  # the loss functions own the argument checks: run them once on a dummy pair
+            zero = torch.zeros(1)
+            dpo_loss(loss_type, zero, zero, zero, zero, beta=beta, label_smoothing=label_smoothing)
+        except ValueError as exc:
+            raise ValueError(f"algorithm: {exc}") from None
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.length_normalize, self.reference_logps, self.cache_dir = length_normalize, reference_logps, cache_dir
+        # Precompute state (plain attributes, not buffers: the table is not part of the state_dict).
+        self._cache: dict[str, Any] | None = None  # {"chosen", "rejected", "meta"}
+        self._cache_checked = False
+        self._freed_reference = False
+        self._module: weakref.ref | None = None
+
+    @hookimpl
+    def alignkit_configure(self, module) -> None:
+        self._module = weakref.ref(module)  # a weak reference: the host owns the algorithm, not the reverse
+
+    # ------------------------------------------------------------------------------------------ loss
+    @hookimpl
+    def alignkit_loss(self, module, batch: PreferenceBatch) -> LossOutput:
+        policy_chosen, policy_rejected = concatenated_logps(module.policy, batch, self.length_normalize)
+        reference_chosen, reference_rejected = self.reference_for(module, batch)
+        terms = dpo_loss(self.loss_type, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                         beta=self.beta, label_smoothing=self.label_smoothing)
+        chosen, rejected = terms.chosen_rewards, terms.rejected_rewards
+        return LossOutput(terms.losses.mean(), {
+            "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean(),
+        })
+
+    def reference_for(self, module, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+        """``(B,)`` reference log-probs of the chosen and rejected responses of ``batch``."""
+        if self.reference_logps == "live":
+            with torch.no_grad(), module.reference_model() as reference:
+                chosen, rejected = concatenated_logps(reference, batch, self.length_normalize)
+            return chosen.detach(), rejected.detach()
+        self.ensure_reference_cache(module)
+        index = batch.index.cpu()
+        chosen, rejected = self._cache["chosen"][index], self._cache["rejected"][index]
+        if torch.isnan(chosen).any() or torch.isnan(rejected).any():
+            missing = index[torch.isnan(chosen) | torch.isnan(rejected)].tolist()
+            raise PluginError(f"dpo: no precomputed reference log-probs for pair index {missing[:8]}")
+        return chosen.to(module.device), rejected.to(module.device)
+
+    # ------------------------------------------------------------------------------------------ precompute
+    def cache_path(self, module) -> Path:
+        folder = self.cache_dir if self.cache_dir is not None else module.trainer.default_root_dir
+        return Path(folder) / REFERENCE_CACHE_FILE
+
+    def cache_meta(self, module, loaders: list) -> dict[str, Any]:
+        """What a cached table must match to be reused: the tokenised pairs, the summing mode and the
+        policy config (from which the reference is built)."""
+        return {"version": CACHE_VERSION, "data": data_fingerprint(loaders),
+                "length_normalize": self.length_normalize, "policy": repr(module.policy_config)}
+
+    def ensure_reference_cache(self, module) -> None:
+        """Make the reference table available: from the checkpoint, else from the cache file, else computed
+        with the reference model (then saved and the reference copy freed). Checked once per run."""
+        if self._cache_checked:
+            return
+        datamodule = getattr(module.trainer, "datamodule", None)
+        if datamodule is None:
+            raise PluginError("dpo: reference_logps=precompute needs a Lightning data module (trainer.fit(datamodule=...))")
+        loaders = [datamodule.train_dataloader(), datamodule.val_dataloader()]
+        meta = self.cache_meta(module, loaders)
+        path = self.cache_path(module)
+        if self._cache is None or self._cache["meta"] != meta:  # nothing (or a stale table) from a checkpoint
+            self._cache = torch.load(path, map_location="cpu") if path.is_file() else None
+            if self._cache is not None and self._cache.get("meta") != meta:
+                module.print(f"dpo: {path} was computed for other data or another policy; recomputing it")
+                self._cache = None
+        if self._cache is None:
+            if self._freed_reference:
+                raise PluginError(f"dpo: the reference model was freed after precomputing, but the cached reference "
+                                  f"log-probs in {path} and in the checkpoint do not match this run's data")
+            with module.reference_model() as reference:
+                chosen, rejected = reference_logps_table(reference, loaders, module.device, self.length_normalize)
+            self._cache = {"chosen": chosen, "rejected": rejected, "meta": meta}
+            if module.trainer.is_global_zero:
+                save_atomic(self._cache, path)
+        self._cache_checked = True
+        self.free_reference(module)
+
+    def free_reference(self, module) -> None:
+        """Drop the host's frozen reference copy (single-device strategies only; see the class docstring)."""
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        if module.reference is not None and isinstance(module.trainer.strategy, SingleDeviceStrategy):
+            module.reference = None
+            self._freed_reference = True
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_module"] = None  # weak references do not pickle (e.g. for spawned processes)
+        return state
+
+    def extra_state(self) -> dict[str, Any]:
+        """Saved in checkpoints by the host: the precomputed table and whether the reference was freed."""
+        if self._cache is None:
+            return {}
+        return {"reference_logps": self._cache, "freed_reference": self._freed_reference}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the table; if the saved run had freed its reference copy, drop it here too (the host calls
+        this before loading the state dict, which then has no reference weights to match)."""
+        self._cache = state.get("reference_logps")
+        self._cache_checked = False
+        module = self._module() if self._module is not None else None
+        if state.get("freed_reference") and module is not None and module.reference is not None:
+            module.reference = None
+            self._freed_reference = True
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` under a temporary name, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        torch.save(obj, tmp)
+    os.replace(tmp.name, path)
