@@ -241,7 +241,8 @@ def test_evaluate_end_to_end(tiny_models, tmp_path, capsys):
 
 def test_evaluate_through_the_cli(tiny_models, tmp_path, monkeypatch):
     """The command-line path: jsonargparse builds the task and an outside reward plugin from class paths;
-    a reference given as a path that is not a policy is evaluated as "reference"."""
+    a reference given as a path that is not a policy is evaluated as "reference"; with --wandb each
+    policy gets its own offline wandb run."""
     base, perturbed = tiny_models
     monkeypatch.setitem(commands.COMMANDS, "eval", evaluate)
     reward = {"class_path": f"{CountWords.__module__}.CountWords", "init_args": {"word": "the"}}
@@ -249,13 +250,14 @@ def test_evaluate_through_the_cli(tiny_models, tmp_path, monkeypatch):
         "--policies", json.dumps({"noisy": perturbed}), "--reference", base,
         "--task", "alignkit_plugins.tasks.SentimentTask", "--task.num_train_prompts", "10",
         "--task.num_eval_prompts", "8", "--reward", json.dumps(reward), "--sampling.max_new_tokens", "4",
-        "--num_prompts", "4", "--best_of_n", "2", "--run_dir", str(tmp_path / "cli"),
+        "--num_prompts", "4", "--best_of_n", "2", "--run_dir", str(tmp_path / "cli"), "--wandb", "true",
     ])
     assert list(results) == ["reference", "noisy"]
     assert results["reference"].kl_mean == 0.0 and results["reference"].best_of_n_gold is not None
     assert 0.0 <= results["noisy"].win_rate <= 1.0 and results["noisy"].num_prompts == 4
     settings = json.loads((tmp_path / "cli" / "metrics.json").read_text())["settings"]
     assert settings["policies"] == {"reference": base, "noisy": perturbed}
+    assert len(list((tmp_path / "cli" / "wandb").glob("offline-run-*"))) == 2
 
 
 def test_evaluate_argument_errors(tiny_models, tmp_path):
