@@ -344,6 +344,8 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
         reward: proxy reward plugin (any ``Reward`` subclass, e.g. a reward model) scored on every
             response; None skips the proxy metrics and best-of-n.
         sampling: sampling settings shared by all policies (the task's stop string is added if it has one).
+            KL is an unbiased estimate only when sampling from the policy itself: temperature 1, no
+            top-k / top-p, do_sample true (greedy decoding gives the log-ratio of the greedy response).
         best_of_n: n of the best-of-n baseline on the reference under ``reward`` (0: off).
         num_prompts: evaluate on the first this many evaluation prompts (None: all of them).
         batch_size: prompts per generation batch.

@@ -259,11 +259,18 @@ class AlignModule(L.LightningModule):
                       batch_size=size, prog_bar=False, sync_dist=on_epoch)
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    FROZEN_PREFIXES = ("reference.", "rewards.")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Frozen models are rebuilt from their sources at start-up: checkpoints hold only what trains.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(self.FROZEN_PREFIXES)}
         checkpoint["alignkit"] = {"reward_moments": self.reward_moments.state_dict(),
-                                  "algorithm": getattr(self.algorithm, "extra_state", lambda: {})()}
+                                  "algorithm": getattr(self.algorithm, "extra_state", dict)()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self.FROZEN_PREFIXES)}
+        checkpoint["state_dict"] = {**checkpoint["state_dict"], **frozen}
         state = checkpoint.get("alignkit", {})
         if "reward_moments" in state:
             self.reward_moments.load_state_dict(state["reward_moments"])

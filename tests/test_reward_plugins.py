@@ -103,9 +103,15 @@ def test_reward_model_truncates_like_training(rm_dirs):
 
 # ------------------------------------------------------------------------------------ RewardEnsemble
 
+@pytest.fixture(scope="module")
+def member_scores(rm_dirs) -> torch.Tensor:
+    """(3, 2): each member scored on its own."""
+    return torch.stack([RewardModelReward(d).score(PROMPTS, RESPONSES, None).scores for d in rm_dirs])
+
+
 @pytest.mark.parametrize("method", ENSEMBLE_METHODS)
-def test_ensemble_equals_aggregate_of_members(rm_dirs, method):
-    members = torch.stack([RewardModelReward(d).score(PROMPTS, RESPONSES, None).scores for d in rm_dirs])  # (3, 2)
+def test_ensemble_equals_aggregate_of_members(rm_dirs, member_scores, method):
+    members = member_scores
     assert not torch.allclose(members[0], members[1])  # distinct members
     ensemble = RewardEnsemble(rm_dirs, method=method, uncertainty_coef=0.5, name="ens")
     out = ensemble.score(PROMPTS, RESPONSES, None)

@@ -80,8 +80,8 @@ def detect_format(rows: list[dict[str, Any]], table: dict[str, tuple[str, ...]],
     columns = set(rows[0]) if rows else set()
     for name, needed in table.items():
         if set(needed) <= columns:
-            if name == "implicit" and rows and isinstance(rows[0]["chosen"], list):
-                return "conversational"
+            if "conversational" in table and isinstance(rows[0]["chosen"], list):
+                return "conversational"  # message lists, with or without an explicit prompt list
             return name
     known = "; ".join(f"{name}: {', '.join(needed)}" for name, needed in table.items())
     raise DataError(f"{source}: columns {sorted(columns)} match no known format ({known})")
@@ -137,6 +137,16 @@ def shared_prefix(a: str, b: str) -> str:
     return a[:n]
 
 
+def implicit_prompt(a: str, b: str) -> str:
+    """The prompt of an implicit pair: their shared prefix, ended at a word boundary (the answers never
+    start inside a word) and without trailing whitespace (it belongs to the answers)."""
+    n = len(shared_prefix(a, b))
+    if n < min(len(a), len(b)) and not (a[n].isspace() and b[n].isspace()):
+        while n and not a[n - 1].isspace():
+            n -= 1
+    return a[:n].rstrip()
+
+
 def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source: str) -> list[PreferenceRecord]:
     fmt = detect_format(rows, PREFERENCE_COLUMNS, source) if fmt == "auto" else fmt
     _require(rows, PREFERENCE_COLUMNS[fmt], fmt, source)
@@ -148,7 +158,7 @@ def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source
             chosen, rejected = _text(row, "chosen", source, i), _text(row, "rejected", source, i)
         elif fmt == "implicit":
             full_c, full_r = _text(row, "chosen", source, i), _text(row, "rejected", source, i)
-            prompt = shared_prefix(full_c, full_r)
+            prompt = implicit_prompt(full_c, full_r)
             chosen, rejected = full_c[len(prompt):], full_r[len(prompt):]
             if not prompt.strip():
                 raise DataError(f"{source} row {i}: 'chosen' and 'rejected' share no prompt prefix")

@@ -51,7 +51,8 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, prompt: str | Conversati
         full = _ids(tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": response}], tokenize=True))
         if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
             ids = full[len(prompt_ids):]
-            return ids if tokenizer.eos_token_id in ids else ids + [tokenizer.eos_token_id]
+            eos = tokenizer.eos_token_id
+            return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]  # nothing after EOS (e.g. "\n")
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
@@ -71,6 +72,6 @@ def fit(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_
     stats.truncated += 1
     prompt_ids = prompt_ids[-max_prompt_length:]
     room = max_length - len(prompt_ids)
-    if room < 1:
+    if room < 1 and longest:  # a prompt alone (PromptData) needs no room for a response
         raise DataError(f"{where}: max_prompt_length={max_prompt_length} leaves no room for the response in max_length={max_length}")
     return prompt_ids, [r[:room] for r in responses]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -104,8 +103,8 @@ class DPO(Algorithm):
     same tokenised pairs and policy config) reuses it, a mismatching file is recomputed.
 
     Memory: after precomputing on a single device, the host's frozen reference copy is dropped
-    (``module.reference = None``), so its weights really are freed (checkpoints then leave it out and a
-    resume from them drops it before loading, see :meth:`load_extra_state`). Under multi-device strategies
+    (``module.reference = None``), so its weights really are freed (the host never stores frozen models in
+    checkpoints, so a resumed run builds it, finds the table and drops it again). Under multi-device strategies
     (DDP, FSDP, DeepSpeed) the copy is kept — those strategies hold references to the wrapped modules — so
     precompute saves the per-step reference forward but not its memory; every rank computes the whole
     table and rank 0 writes the file. With LoRA there is no copy (the reference is the policy with adapters
@@ -145,11 +144,6 @@ class DPO(Algorithm):
         self._cache: dict[str, Any] | None = None  # {"chosen", "rejected", "meta"}
         self._cache_checked = False
         self._freed_reference = False
-        self._module: weakref.ref | None = None
-
-    @hookimpl
-    def alignkit_configure(self, module) -> None:
-        self._module = weakref.ref(module)  # a weak reference: the host owns the algorithm, not the reverse
 
     # ------------------------------------------------------------------------------------------ loss
     @hookimpl
@@ -228,26 +222,16 @@ class DPO(Algorithm):
             self._freed_reference = True
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_module"] = None  # weak references do not pickle (e.g. for spawned processes)
-        return state
-
     def extra_state(self) -> dict[str, Any]:
         """Saved in checkpoints by the host: the precomputed table and whether the reference was freed."""
         if self._cache is None:
             return {}
-        return {"reference_logps": self._cache, "freed_reference": self._freed_reference}
+        return {"reference_logps": self._cache}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the table; if the saved run had freed its reference copy, drop it here too (the host calls
-        this before loading the state dict, which then has no reference weights to match)."""
+        """Restore the precomputed table (checked against this run's data at the first batch)."""
         self._cache = state.get("reference_logps")
         self._cache_checked = False
-        module = self._module() if self._module is not None else None
-        if state.get("freed_reference") and module is not None and module.reference is not None:
-            module.reference = None
-            self._freed_reference = True
 
 
 def save_atomic(obj: Any, path: Path) -> None:
