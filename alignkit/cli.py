@@ -70,8 +70,9 @@ class AlignCLI(LightningCLI):
         kwargs["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [
             RunDirectory(run_dir, self.recipe),
             ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True),
-            RichProgressBar(leave=True),
         ]
+        if trainer_cfg.get("enable_progress_bar", True) is not False:
+            kwargs["callbacks"].append(RichProgressBar(leave=True))
         return super().instantiate_trainer(**kwargs)
 
     def default_loggers(self, run_dir: Path) -> list:

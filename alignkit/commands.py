@@ -13,6 +13,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from alignkit.collect import collect
 from alignkit.data.formats import DataError
+from alignkit.evaluation import evaluate
 from alignkit.manager import PluginError, discover
 from alignkit.module import NonFiniteError
 from alignkit.run import METRICS_FILE, MODEL_DIR, RunExistsError, read_metrics
@@ -92,17 +93,18 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
     return outputs
 
 
-COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect}
+COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate}
 
 
 def run(name: str, argv: list[str]) -> object:
     """Parse ``argv`` for command ``name`` (``--config FILE`` allowed) and call it."""
     function = COMMANDS[name]
-    parser = ArgumentParser(prog=f"alignkit {name}", description=function.__doc__)
+    summary = (function.__doc__ or "").split("\n\n")[0]  # the Args section becomes the options' help
+    parser = ArgumentParser(prog=f"alignkit {name}", description=summary)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")
     parser.add_function_arguments(function, as_group=False)
     cfg = parser.parse_args(argv)
     if name == "pipeline" and cfg.get("config") and cfg.base_dir == ".":
         cfg.base_dir = str(Path(str(cfg.config[-1])).parent)  # recipes are relative to the pipeline file
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     return function(**{k: init[k] for k in init.keys() if k != "config"})

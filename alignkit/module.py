@@ -94,6 +94,9 @@ class AlignModule(L.LightningModule):
         self.policy, self.tokenizer = load_model(policy, algorithm.model_head)
         self.reference = self._build_reference(reference) if algorithm.needs_reference else None
         self.rewards = nn.ModuleList(rewards or [])
+        names = [r.reward_name for r in self.rewards]
+        if len(set(names)) < len(names):
+            raise ValueError(f"model.rewards: two rewards share a name ({', '.join(names)}); give each a distinct `name`")
         self.rewards.requires_grad_(False)
         self.reward_moments = RunningMoments()
         self.pm = build_manager([algorithm, *self.rewards, *(plugins or [])])
@@ -124,6 +127,9 @@ class AlignModule(L.LightningModule):
             if frozen is not None:
                 frozen.eval()  # frozen models never run dropout
         return self
+
+    def on_train_start(self) -> None:
+        self.train()  # models from `from_pretrained` arrive in eval mode; the frozen ones stay there
 
     def export(self, path: str) -> None:
         """Write the trained model and tokenizer with ``save_pretrained`` (LoRA adapters merged)."""

@@ -47,7 +47,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
     def __init__(self, path: str | None = None, task: Task | None = None, split: str = "train",
                  batch_size: int = 16, max_length: int = 256, max_prompt_length: int = 128,
                  truncation: Truncation = "truncate", val_fraction: float = 0.05, limit: int | None = None,
-                 chat_template: bool = False, seed: int = 0, num_workers: int = 0):
+                 chat_template: bool = False, bootstrap: bool = False, seed: int = 0, num_workers: int = 0):
         """
         Args:
             path: a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` folder, or an HF data set name.
@@ -60,7 +60,9 @@ class AlignData(L.LightningDataModule, abc.ABC):
             val_fraction: fraction of the examples held out for validation (0: none).
             limit: use only the first ``limit`` examples.
             chat_template: wrap plain-text prompts in the tokenizer's chat template.
-            seed: seed of the train/validation split.
+            bootstrap: resample the training examples with replacement (same size, seeded by ``seed``) after
+                the validation hold-out, e.g. to train the members of a reward-model ensemble.
+            seed: seed of the train/validation split and of the bootstrap.
             num_workers: DataLoader worker processes.
         """
         super().__init__()
@@ -71,7 +73,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
         self.path, self.task, self.split = path, task, split
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.truncation, self.val_fraction, self.limit = truncation, val_fraction, limit
-        self.chat_template, self.seed, self.num_workers = chat_template, seed, num_workers
+        self.chat_template, self.bootstrap, self.seed, self.num_workers = chat_template, bootstrap, seed, num_workers
         self.tokenizer = None
         self.stats = TruncationStats()
         self.train_set: list[Any] = []
@@ -106,6 +108,9 @@ class AlignData(L.LightningDataModule, abc.ABC):
         if not examples:
             raise DataError(f"{self.source}: no usable examples after truncation ({self.stats.dropped} dropped)")
         self.train_set, self.val_set = self.hold_out(examples)
+        if self.bootstrap:
+            rng = random.Random(f"bootstrap:{self.seed}")
+            self.train_set = [self.train_set[rng.randrange(len(self.train_set))] for _ in self.train_set]
 
     def hold_out(self, examples: list[Any]) -> tuple[list[Any], list[Any]]:
         """Seeded random hold-out of ``val_fraction`` of the examples (order otherwise kept)."""

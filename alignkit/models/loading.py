@@ -66,7 +66,11 @@ def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreT
     if cfg.name_or_path == "tiny":
         model, tokenizer = build_tiny_model(cfg.tiny)
         if head == "sequence_classification":
-            model = LlamaForSequenceClassification(model.config.__class__(**{**model.config.to_dict(), "num_labels": 1}))
+            config = model.config.to_dict()
+            config.pop("id2label", None), config.pop("label2id", None)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.tiny.seed)
+                model = LlamaForSequenceClassification(model.config.__class__(**{**config, "num_labels": 1}))
     else:
         source = _source(cfg)
         kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
