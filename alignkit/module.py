@@ -92,6 +92,7 @@ class AlignModule(L.LightningModule):
         self.completions_per_step = completions_per_step
         self.completion_rows: list[list[Any]] = []
         self.policy, self.tokenizer = load_model(policy, algorithm.model_head)
+        self.policy.train()  # `from_pretrained` returns eval mode; the trained model must run in train mode
         self.reference = self._build_reference(reference) if algorithm.needs_reference else None
         self.rewards = nn.ModuleList(rewards or [])
         names = [r.reward_name for r in self.rewards]
@@ -127,9 +128,6 @@ class AlignModule(L.LightningModule):
             if frozen is not None:
                 frozen.eval()  # frozen models never run dropout
         return self
-
-    def on_train_start(self) -> None:
-        self.train()  # models from `from_pretrained` arrive in eval mode; the frozen ones stay there
 
     def export(self, path: str) -> None:
         """Write the trained model and tokenizer with ``save_pretrained`` (LoRA adapters merged)."""

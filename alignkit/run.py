@@ -32,9 +32,12 @@ def default_run_dir(recipe: str | None) -> Path:
 
 
 def check_fresh(run_dir: Path) -> None:
-    if (run_dir / MODEL_DIR).exists():
-        raise RunExistsError(f"run directory {run_dir} already holds a finished model; choose another --run_dir "
-                             f"(nothing was overwritten)")
+    """Refuse a run directory that holds a finished run: its model, or its ``metrics.json`` (the last file
+    every command writes, e.g. ``collect``, which writes no model)."""
+    for name, what in ((MODEL_DIR, "a finished model"), (METRICS_FILE, "a finished run")):
+        if (run_dir / name).exists():
+            raise RunExistsError(f"run directory {run_dir} already holds {what} ({name}); choose another --run_dir "
+                                 f"(nothing was overwritten)")
 
 
 def to_float(value: Any) -> float | None:

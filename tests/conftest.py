@@ -30,7 +30,8 @@ TINY_MODEL = [
     "--model.policy.tiny.intermediate_size=64",
 ]
 #: Quiet, fast trainer settings; no wandb.
-QUIET = ["--wandb=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"]
+QUIET = ["--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture(autouse=True)
