@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ class AlignCLI(LightningCLI):
         super().__init__(
             AlignModule, AlignData, subclass_mode_data=True, seed_everything_default=0, args=args, run=run,
             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-            trainer_defaults={"deterministic": True},
+            trainer_defaults={"deterministic": True}, parser_kwargs={"exit_on_error": False},
         )
 
     @staticmethod
@@ -67,10 +68,9 @@ class AlignCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self.default_loggers(run_dir)
-        kwargs["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [
-            RunDirectory(run_dir, self.recipe),
-            ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True),
-        ]
+        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), RunDirectory(run_dir, self.recipe)]
+        if trainer_cfg.get("enable_checkpointing", True) is not False:
+            kwargs["callbacks"].append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             kwargs["callbacks"].append(RichProgressBar(leave=True))
         return super().instantiate_trainer(**kwargs)
@@ -96,17 +96,19 @@ def fit(args: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> None:
     from alignkit import commands
 
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    table = commands.COMMANDS
     try:
-        if argv and argv[0] in table:
+        if argv and argv[0] in commands.COMMANDS:
             commands.run(argv[0], argv[1:])
         else:
-            AlignCLI(args=argv)
-    except commands.USER_ERRORS as exc:
+            AlignCLI(args=None if from_command_line else argv)
+    except (*commands.USER_ERRORS, ArgumentError) as exc:
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
-        print(f"alignkit: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the library's layout
+        kind = "" if isinstance(exc, ArgumentError) else f"{type(exc).__name__}: "
+        print(f"alignkit: error: {kind}{message} (run with --help for the options)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

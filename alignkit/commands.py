@@ -21,7 +21,7 @@ from alignkit.run import METRICS_FILE, MODEL_DIR, RunExistsError, read_metrics
 USER_ERRORS = (DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
 
 
-def plugins(kind: Literal["all", "algorithm", "reward", "task", "other"] = "all") -> None:
+def plugins(kind: Literal["all", "algorithm", "reward", "task", "other", "broken"] = "all") -> None:
     """List the plugins registered in the ``alignkit`` entry-point group.
 
     Args:
@@ -100,7 +100,7 @@ def run(name: str, argv: list[str]) -> object:
     """Parse ``argv`` for command ``name`` (``--config FILE`` allowed) and call it."""
     function = COMMANDS[name]
     summary = (function.__doc__ or "").split("\n\n")[0]  # the Args section becomes the options' help
-    parser = ArgumentParser(prog=f"alignkit {name}", description=summary)
+    parser = ArgumentParser(prog=f"alignkit {name}", description=summary, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")
     parser.add_function_arguments(function, as_group=False)
     cfg = parser.parse_args(argv)

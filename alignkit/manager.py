@@ -30,7 +30,7 @@ class PluginInfo:
     """One entry point of the ``alignkit`` group, as listed by ``alignkit plugins``."""
 
     name: str
-    kind: str  # algorithm | reward | task | other
+    kind: str  # algorithm | reward | task | other | broken
     target: str  # "module:Class"
     distribution: str
     version: str
@@ -56,20 +56,18 @@ def implemented_hooks(obj: Any) -> tuple[str, ...]:
 
 
 def discover() -> list[PluginInfo]:
-    """Load every entry point of the ``alignkit`` group. A broken entry point raises a PluginError that
-    names it."""
+    """Load every entry point of the ``alignkit`` group. One that fails to import is listed with kind
+    ``broken`` and its error in place of the hooks."""
     infos = []
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        dist = ep.dist
         try:
             obj = ep.load()
-        except Exception as exc:  # an outside package's import error must name that package
-            raise PluginError(f"entry point {ep.name} = {ep.value!r} failed to load: {exc}") from exc
-        dist = ep.dist
-        infos.append(PluginInfo(
-            name=ep.name, kind=plugin_kind(obj), target=ep.value,
-            distribution=dist.name if dist else "?", version=dist.version if dist else "?",
-            hooks=implemented_hooks(obj),
-        ))
+            kind, hooks = plugin_kind(obj), implemented_hooks(obj)
+        except Exception as exc:  # one broken outside package must not hide the others: list it as broken
+            kind, hooks = "broken", (f"{type(exc).__name__}: {exc}",)
+        infos.append(PluginInfo(name=ep.name, kind=kind, target=ep.value, distribution=dist.name if dist else "?",
+                                version=dist.version if dist else "?", hooks=hooks))
     return infos
 
 

@@ -104,6 +104,13 @@ class AlignModule(L.LightningModule):
         self.automatic_optimization = not algorithm.online
         call_each(self.pm, "alignkit_configure", object, module=self)
 
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        kind = getattr(data, "kind", None)
+        if kind and kind != self.algorithm.data_kind:
+            raise PluginError(f"algorithm {type(self.algorithm).__name__} trains on {self.algorithm.data_kind} data, but "
+                              f"data is {type(data).__name__} ({kind}); choose a matching data class_path")
+
     # ------------------------------------------------------------------------------------------ models
     def _build_reference(self, config: ModelConfig | None) -> nn.Module | None:
         if config is None and self.policy_config.lora is not None:
@@ -189,7 +196,8 @@ class AlignModule(L.LightningModule):
         for extra in call_each(self.pm, "alignkit_metrics", dict, module=self, rollout=rollout, experience=experience):
             metrics.update(extra)
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout.prompts))
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout.prompts),
+                      sync_dist=self.world_size > 1)
         self.record_completions(rollout, scores)
         self.lr_schedulers().step()
 
@@ -252,15 +260,34 @@ class AlignModule(L.LightningModule):
             stats.update({f"rewards/{o.name}/{k}": float(v) for k, v in o.stats.items()})
         stats["objective/scores"] = float(combined.mean())
         cfg = self.reward_combination
-        combined = normalize_rewards(combined, cfg.normalize, self.reward_moments, cfg.clip)
-        return combined.detach(), stats
+        # Normalise with the statistics of the global batch, so every rank shapes rewards identically.
+        everyone = self.gather_rows(combined.detach())  # (world, B)
+        combined = normalize_rewards(everyone.flatten(), cfg.normalize, self.reward_moments, cfg.clip)
+        return combined.view_as(everyone)[self.global_rank], stats
+
+    # ------------------------------------------------------------------------------------------ distributed
+    @property
+    def world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over data-parallel ranks (identity on one process)."""
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self.world_size > 1 else tensor
+
+    def reduce_mean(self, tensor: Tensor) -> Tensor:
+        """Mean over data-parallel ranks (identity on one process)."""
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean") if self.world_size > 1 else tensor
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` stacked: ``(world, *shape)`` (same shape on every rank)."""
+        return self.all_gather(tensor) if self.world_size > 1 else tensor.unsqueeze(0)
 
     # ------------------------------------------------------------------------------------------ logging
     def log_stats(self, stats: dict[str, Any], prefix: str, batch: Any, extra: dict[str, Any], on_epoch: bool = False):
         size = getattr(batch, "num_pairs", None) or len(getattr(batch, "input_ids", [0]))
         values = {**extra, **{prefix + k: v for k, v in stats.items()}}
         self.log_dict({k: float(v) for k, v in values.items()}, on_step=not on_epoch, on_epoch=on_epoch,
-                      batch_size=size, prog_bar=False, sync_dist=on_epoch)
+                      batch_size=size, prog_bar=False, sync_dist=on_epoch or self.world_size > 1)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     FROZEN_PREFIXES = ("reference.", "rewards.")

@@ -6,8 +6,13 @@ tokens that count and ``0`` elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+#: A reduction of a tensor across data-parallel ranks (e.g. all-reduce sum); identity on one process.
+Reduce = Callable[[Tensor], Tensor]
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -16,29 +21,38 @@ def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked.sum() if dim is None else masked.sum(dim)
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``values`` over the positions where ``mask`` is set (0 where nothing is set)."""
-    mask = mask.to(values.dtype)
-    count = mask.sum() if dim is None else mask.sum(dim)
-    return masked_sum(values, mask, dim) / count.clamp(min=1.0)
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None, reduce: Reduce | None = None) -> Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is set (0 where nothing is set).
 
-
-def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of the masked entries; ``unbiased`` applies Bessel's correction n/(n-1)."""
-    mask = mask.to(values.dtype)
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        var = var * n / (n - 1).clamp(min=1.0)
-    return var
-
-
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over the masked entries; with ``shift_mean=False`` the mean is
-    added back, so only the scale changes. Unmasked positions are returned as computed (callers mask them).
+    ``reduce`` (e.g. an all-reduce sum across data-parallel ranks) makes it the mean over every rank's
+    masked entries; only for ``dim=None``.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mask = mask.to(values.dtype)
+    if dim is not None:
+        return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1.0)
+    total = torch.stack([masked_sum(values, mask), mask.sum()])
+    total = reduce(total) if reduce is not None else total
+    return total[0] / total[1].clamp(min=1.0)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce | None = None) -> Tensor:
+    """Variance of the masked entries; ``unbiased`` applies Bessel's correction n/(n-1). With ``reduce``,
+    the variance of every rank's masked entries (two reductions: the mean, then the squared deviations)."""
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask, reduce=reduce)
+    total = torch.stack([masked_sum((values - mean) ** 2, mask), mask.sum()])
+    total = reduce(total) if reduce is not None else total
+    squares, n = total[0], total[1]
+    return squares / ((n - 1) if unbiased else n).clamp(min=1.0)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Reduce | None = None) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (of every rank, with ``reduce``); with
+    ``shift_mean=False`` the mean is added back, so only the scale changes. Unmasked positions are returned
+    as computed (callers mask them).
+    """
+    mean, var = masked_mean(values, mask, reduce=reduce), masked_var(values, mask, reduce=reduce)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 

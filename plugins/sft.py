@@ -12,7 +12,8 @@ from alignkit.types import LossOutput, SFTBatch
 IGNORE = -100
 
 
-def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
+             num_tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Mean token cross-entropy of the next-token prediction over labelled positions.
 
     ``L = −(1/N) Σ_{t: labels[t+1] ≠ −100} log p(labels[t+1] | tokens ≤ t)``, N the number of labelled
@@ -22,14 +23,17 @@ def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> tu
         logits: ``(B, T, V)`` model outputs.
         labels: ``(B, T)`` token ids, ``−100`` where masked.
         label_smoothing: cross-entropy label smoothing ε.
+        num_tokens: the divisor N (default: this batch's labelled targets). Data-parallel callers pass the
+            mean count per rank, so that DDP's gradient average is exactly one global token mean.
     Returns:
-        ``(loss, N)``: the scalar loss and the number of labelled target tokens.
+        ``(loss, n)``: the scalar loss and this batch's number of labelled target tokens.
     """
     targets = labels[:, 1:]
     count = (targets != IGNORE).sum()
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum", label_smoothing=label_smoothing)
-    return loss / count.clamp(min=1), count
+    divisor = count.clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
+    return loss / divisor, count
 
 
 class SFT(Algorithm):
@@ -51,6 +55,7 @@ class SFT(Algorithm):
     def alignkit_loss(self, module, batch: SFTBatch) -> LossOutput:
         logits = module.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids).logits
-        loss, count = sft_loss(logits, batch.labels, self.label_smoothing)
+        tokens = module.reduce_mean((batch.labels[:, 1:] != IGNORE).sum())  # global token mean under DDP
+        loss, count = sft_loss(logits, batch.labels, self.label_smoothing, tokens)
         return LossOutput(loss, {"tokens/trained": count.detach().float(),
                                  "ppl": torch.exp(loss.detach().clamp(max=20))})

@@ -119,6 +119,17 @@ def test_too_long_with_truncation_error(capsys, tmp_path, tiny_overrides):
     assert not (run_dir / "model").exists()
 
 
+def test_algorithm_and_data_kinds_must_match(capsys, tmp_path, tiny_overrides, preferences_file):
+    """SFT trains on demonstrations; given preference pairs it must stop before training, naming both
+    (``Algorithm.data_kind`` is "checked against the data module")."""
+    run_dir = tmp_path / "run"
+    line = alignkit_error(fail(capsys, fit_args(tiny_overrides, run_dir, "--data=alignkit.data.PreferenceData",
+                                                f"--data.init_args.path={preferences_file}")))
+    assert "SFT" in line and "PreferenceData" in line
+    assert "alignkit_loss" not in line, "caught inside the loss, after training started"
+    assert not (run_dir / "model").exists()
+
+
 def test_bad_truncation_value(capsys, tmp_path, tiny_overrides):
     run_dir = tmp_path / "run"
     err = error_text(fail(capsys, fit_args(tiny_overrides, run_dir, "--data.init_args.truncation=chop")))

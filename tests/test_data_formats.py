@@ -92,6 +92,15 @@ def test_chat_messages_apply_the_chat_template(tmp_path, tiny_tokenizer):
     assert tok.decode(response_ids, skip_special_tokens=True).strip() == "the pizza was great"
 
 
+def test_tiny_chat_template_separates_turns(tiny_tokenizer):
+    """Each turn of the tiny template ends with a newline (transformers renders templates with
+    ``trim_blocks``, which drops a literal newline written right after a block tag)."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "again"}]
+    text = tiny_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text == "user: hi\nassistant: yo</s>\nuser: again\nassistant:"
+
+
 def test_chat_response_stops_at_eos(tmp_path, tiny_tokenizer):
     """A template that writes text after the EOS of an assistant turn (ChatML's "<|im_end|>\\n"): the
     response ids still end at EOS, so nothing after it is trained."""

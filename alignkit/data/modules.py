@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from alignkit.data.formats import (
     DataError,
@@ -47,7 +47,8 @@ class AlignData(L.LightningDataModule, abc.ABC):
     def __init__(self, path: str | None = None, task: Task | None = None, split: str = "train",
                  batch_size: int = 16, max_length: int = 256, max_prompt_length: int = 128,
                  truncation: Truncation = "truncate", val_fraction: float = 0.05, limit: int | None = None,
-                 chat_template: bool = False, bootstrap: bool = False, seed: int = 0, num_workers: int = 0):
+                 chat_template: bool = False, bootstrap: bool = False, shuffle: bool = True, seed: int = 0,
+                 num_workers: int = 0):
         """
         Args:
             path: a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` folder, or an HF data set name.
@@ -62,7 +63,9 @@ class AlignData(L.LightningDataModule, abc.ABC):
             chat_template: wrap plain-text prompts in the tokenizer's chat template.
             bootstrap: resample the training examples with replacement (same size, seeded by ``seed``) after
                 the validation hold-out, e.g. to train the members of a reward-model ensemble.
-            seed: seed of the train/validation split and of the bootstrap.
+            shuffle: shuffle the training examples every epoch (seeded); without it, a run on N processes sees
+                exactly the global batches of a 1-process run (rank r takes rows r, r+N, ...).
+            seed: seed of the train/validation split, the bootstrap and the shuffling.
             num_workers: DataLoader worker processes.
         """
         super().__init__()
@@ -73,7 +76,8 @@ class AlignData(L.LightningDataModule, abc.ABC):
         self.path, self.task, self.split = path, task, split
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.truncation, self.val_fraction, self.limit = truncation, val_fraction, limit
-        self.chat_template, self.bootstrap, self.seed, self.num_workers = chat_template, bootstrap, seed, num_workers
+        self.chat_template, self.bootstrap, self.shuffle = chat_template, bootstrap, shuffle
+        self.seed, self.num_workers = seed, num_workers
         self.tokenizer = None
         self.stats = TruncationStats()
         self.train_set: list[Any] = []
@@ -120,9 +124,16 @@ class AlignData(L.LightningDataModule, abc.ABC):
         return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in sorted(order[:n_val])]
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer  # None outside a Trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Our own sampler: Lightning's automatic one always shuffles training data.
+            sampler = DistributedSampler(self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                         shuffle=self.shuffle, seed=self.seed)
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                              num_workers=self.num_workers)
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
-                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
+                          collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_set:

@@ -190,7 +190,7 @@ class PPO(OnlineAlgorithm):
                                          self.kl_controller.value, self.kl_estimator)
             advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
             if self.whiten:
-                advantages = whiten_advantages(advantages, mask)
+                advantages = whiten_advantages(advantages, mask, reduce=module.reduce_sum)
         return PPOExperience(rollout.sequences, rollout.attention_mask, mask, old_logprobs * mask, ref_logprobs * mask,
                              old_values, advantages, returns, kl, scores, P)
 
@@ -210,8 +210,9 @@ class PPO(OnlineAlgorithm):
                                                   batch.prompt_length, self.sampling.temperature,
                                                   need_hidden=self.critic is None)
         values = self.values(module, batch.sequences, batch.attention_mask, batch.prompt_length, hidden)
-        pg = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, self.clip_range)
-        vf = value_loss(values, batch.old_values, batch.returns, mask, self.clip_range_value)
+        tokens = module.reduce_mean(mask.sum())  # per-rank mean token count: DDP then equals one global mean
+        pg = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, self.clip_range, tokens)
+        vf = value_loss(values, batch.old_values, batch.returns, mask, self.clip_range_value, tokens)
         entropy = masked_mean(entropy_from_logits(logits), mask)
         loss = pg.loss + self.vf_coef * vf.loss - self.entropy_coef * entropy
         return LossOutput(loss, {
@@ -223,8 +224,8 @@ class PPO(OnlineAlgorithm):
     # ------------------------------------------------------------------------------------------ after
     @hookimpl
     def alignkit_after_update(self, module, experience: PPOExperience, stats: dict[str, float]) -> None:
-        kl_per_sequence = (experience.kl * experience.response_mask).sum(-1).mean()
-        self.kl_controller.update(float(kl_per_sequence), experience.size)
+        kl_per_sequence = module.reduce_mean((experience.kl * experience.response_mask).sum(-1).mean())
+        self.kl_controller.update(float(kl_per_sequence), experience.size * module.world_size)
 
     @hookimpl
     def alignkit_metrics(self, module, rollout: Rollout, experience: PPOExperience) -> dict[str, float]:

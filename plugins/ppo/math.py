@@ -24,7 +24,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from alignkit.ops import entropy_from_logits, masked_mean, masked_whiten
+from alignkit.ops import Reduce, entropy_from_logits, masked_mean, masked_whiten
 
 __all__ = [
     "KLEstimator",
@@ -199,18 +199,19 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages_t, (advantages_t + values) * m
 
 
-def whiten_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
+def whiten_advantages(advantages: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
     """Normalise advantages to mean 0 and (unbiased) standard deviation 1 over the real tokens of the
     batch — the usual PPO practice (``ops.masked_whiten``) — and zero the padding.
 
     Args:
         advantages: ``(B, R)``.
         mask: ``(B, R)`` response mask.
+        reduce: sum across data-parallel ranks, so every rank whitens with the global statistics.
 
     Returns:
         ``(B, R)`` whitened advantages, 0 on padding.
     """
-    return masked_whiten(advantages, mask) * mask.to(advantages.dtype)
+    return masked_whiten(advantages, mask, reduce=reduce) * mask.to(advantages.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,18 +238,26 @@ class PolicyLossTerms:
         }
 
 
+def token_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | float | None) -> Tensor:
+    """``Σ mask·values / num_tokens``; the masked mean when ``num_tokens`` is None."""
+    if num_tokens is None:
+        return masked_mean(values, mask)
+    return (values * mask.to(values.dtype)).sum() / max(float(num_tokens), 1.0)
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip_range: float,
+    num_tokens: Tensor | float | None = None,
 ) -> PolicyLossTerms:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised:
 
         ρ_t = exp(log π(a_t) − log π_old(a_t))
         L_t = −min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t)
-        L   = masked mean of L_t over every real token
+        L   = Σ_t mask_t L_t / N,   N = number of real tokens (``num_tokens``)
 
     Stats: ``clipfrac`` is the fraction of real tokens where the clipped term is strictly the smaller
     one (those tokens get no gradient); ``approxkl`` uses the ``½ (log ρ)²`` estimator (k2 in
@@ -260,6 +269,9 @@ def policy_loss(
         advantages: ``(B, R)`` advantage estimates (usually whitened).
         mask: ``(B, R)`` response mask.
         clip_range: ε.
+        num_tokens: the divisor N; default the real tokens of this batch. Data-parallel callers pass the
+            mean token count per rank, so that averaging gradients across ranks gives exactly the
+            gradient of one global token mean.
 
     Returns:
         ``PolicyLossTerms`` with a scalar ``loss`` and detached scalar stats.
@@ -269,7 +281,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    loss = token_mean(-torch.minimum(unclipped, clipped), mask, num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((clipped < unclipped).to(ratio.dtype), mask)
         approxkl = masked_mean(kl_penalty(logprobs, old_logprobs, "mse"), mask)
@@ -295,13 +307,14 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     clip_range_value: float,
+    num_tokens: Tensor | float | None = None,
 ) -> ValueLossTerms:
     """Clipped value loss (the value-function clipping of the PPO reference implementation, Schulman
     et al. 2017; cf. torchtune's ``PPOLoss``):
 
         V^clip_t = V_old,t + clip(V_t − V_old,t, −ε_v, ε_v)
         L_t      = ½ · max((V_t − R_t)², (V^clip_t − R_t)²)
-        L        = masked mean of L_t over every real token
+        L        = Σ_t mask_t L_t / N,   N = number of real tokens (``num_tokens``)
 
     ``clipfrac`` is the fraction of real tokens where the clipped error is strictly the larger one
     (those tokens get no gradient).
@@ -312,6 +325,7 @@ def value_loss(
         returns: ``(B, R)`` value targets (from ``gae``).
         mask: ``(B, R)`` response mask.
         clip_range_value: ε_v.
+        num_tokens: the divisor N (see :func:`policy_loss`).
 
     Returns:
         ``ValueLossTerms`` with a scalar ``loss`` and a detached scalar ``clipfrac``.
@@ -320,7 +334,7 @@ def value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     error = (values - returns).square()
     clipped_error = (clipped_values - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(error, clipped_error), mask)
+    loss = 0.5 * token_mean(torch.maximum(error, clipped_error), mask, num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((clipped_error > error).to(values.dtype), mask)
     return ValueLossTerms(loss=loss, clipfrac=clipfrac)

@@ -1,0 +1,185 @@
+"""TRL side of ``alignkit bench --compare trl``: the same measurement as :func:`alignkit.bench.run_alignkit`
+with TRL's trainers on the same saved model, data and lengths.
+
+========== ============================ ====================================================
+alignkit   TRL                          configured alike
+========== ============================ ====================================================
+sft        ``SFTTrainer``               prompt/completion rows, loss on the completion only
+rm         ``RewardTrainer``            the same saved sequence classifier (one label)
+dpo        ``DPOTrainer``               sigmoid loss, β = 0.1, live reference forward
+ppo        ``RLOOTrainer``              ``B`` completions per iteration (``B/2`` prompts × 2), the same
+                                        reward model, ``max_completion_length = max_new_tokens``,
+                                        one optimiser step per iteration, β = 0.05 (reference forward)
+========== ============================ ====================================================
+
+Both sides: float32 weights and compute (TRL defaults to bf16 autocast and gradient checkpointing; both are
+switched off here, since alignkit runs neither unless asked), no evaluation, no checkpoints, no logging
+(``report_to="none"``, logging interval beyond the run), the same batch size, ``max_length`` and seed, one
+dataloader process. Data: the sentiment task's synthetic preference pairs written by
+:func:`alignkit.bench.prepare_assets`; TRL concatenates prompt and completion *text*, so completions get a
+leading space, which gives exactly the token ids alignkit builds from the separately encoded prompt and
+response (the tiny tokenizer's Metaspace pre-tokeniser starts every word with ``▁``).
+
+Run standalone (the same as ``alignkit bench --compare '[trl]'``)::
+
+    python benchmarks/trl_compare.py --algorithms '[dpo, rm, ppo]' --repeats 3
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _rows(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _space(text: str) -> str:
+    return text if text.startswith(" ") else " " + text
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    """One TRL measurement, ``warmup + steps`` optimiser steps of ``spec["algorithm"]``."""
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              TrainerCallback, set_seed)
+
+    import trl
+    from alignkit.bench import (ModelSize, StepRecorder, Workload, current_rss, finish_result, model_shape,
+                                peak_rss)
+
+    algorithm, work, paths = spec["algorithm"], Workload(**spec["workload"]), spec["paths"]
+    device = spec["device"]
+    set_seed(spec["seed"])
+    recorder = StepRecorder(device)
+    rss0 = current_rss()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    dtype = getattr(torch, spec["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["policy"])
+    steps = spec["warmup"] + spec["steps"]
+    tmp = tempfile.mkdtemp(prefix="trl-bench-")
+    common = dict(output_dir=tmp, per_device_train_batch_size=work.batch_size, max_steps=steps, learning_rate=1e-5,
+                  report_to="none", logging_steps=10 ** 9, save_strategy="no", eval_strategy="no", bf16=False,
+                  fp16=False, gradient_checkpointing=False, use_cpu=not device.startswith("cuda"), disable_tqdm=True,
+                  seed=spec["seed"], dataloader_num_workers=0)
+    rm_shape = None
+    if algorithm == "dpo":
+        model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
+        data = Dataset.from_list([{"prompt": r["prompt"], "chosen": _space(r["chosen"]),
+                                   "rejected": _space(r["rejected"])} for r in _rows(paths["preferences"])])
+        args = trl.DPOConfig(max_length=work.max_length, beta=0.1, loss_type=["sigmoid"],
+                             precompute_ref_log_probs=False, **common)
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    elif algorithm == "rm":
+        model = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, dtype=dtype)
+        data = Dataset.from_list([{"prompt": r["prompt"], "chosen": _space(r["chosen"]),
+                                   "rejected": _space(r["rejected"])} for r in _rows(paths["preferences"])])
+        args = trl.RewardConfig(max_length=work.max_length, **common)
+        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    elif algorithm == "sft":
+        model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": _space(r["response"])}
+                                  for r in _rows(paths["demonstrations"])])
+        args = trl.SFTConfig(max_length=work.max_length, packing=False, completion_only_loss=True, **common)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    elif algorithm == "ppo":
+        if work.batch_size % 2:
+            raise ValueError("RLOO needs an even batch size (2 completions per prompt)")
+        model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
+        reward = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, dtype=dtype)
+        rm_shape = model_shape(reward)
+        data = Dataset.from_list([{"prompt": r["prompt"]} for r in _rows(paths["prompts"])])
+        args = trl.RLOOConfig(num_generations=2, max_completion_length=work.max_new_tokens, steps_per_generation=1,
+                              num_iterations=work.update_epochs, beta=0.05, temperature=1.0, top_p=1.0, top_k=0,
+                              log_completions=False, **common)
+        trainer = trl.RLOOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
+                                  processing_class=tokenizer, reward_processing_classes=[tokenizer])
+        _instrument_rloo(trainer, recorder)
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    if algorithm != "ppo":
+        _instrument_offline(trainer, recorder)
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            recorder.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            recorder.end_step()
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    if device.startswith("cuda"):
+        peak = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, "memory_kind": "cuda max_memory_allocated"}
+    else:
+        peak = {"peak_mem_mb": max(peak_rss() - rss0, 0) / 2**20, "peak_rss_mb": peak_rss() / 2**20,
+                "memory_kind": "max RSS growth above the post-import RSS"}
+    shape = model_shape(trainer.model)
+    result = {**recorder.summary(spec["warmup"]), **peak, "trl": trl.__version__,
+              "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                                else trainer.optimizer).__name__}
+    return finish_result(spec, result, shape, rm_shape)
+
+
+def _instrument_offline(trainer, recorder) -> None:
+    """Count the tokens of every training batch (the inputs the trainer hands to ``training_step``)."""
+    original = trainer.training_step
+
+    def training_step(model, inputs, *args, **kwargs):
+        mask = inputs["attention_mask"]
+        recorder.add("tokens/real", float(mask.sum()))
+        recorder.add("tokens/padded", float(mask.numel()))
+        recorder.add("tokens/length", float(mask.shape[1]))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.training_step = training_step
+
+
+def _instrument_rloo(trainer, recorder) -> None:
+    """Time RLOO's phases (generation, reward, the rest of the experience) and count its tokens."""
+    prepare, generate, rewards = trainer._prepare_inputs, trainer._generate, trainer._calculate_rewards
+
+    def timed_prepare(batch):
+        with recorder.phase("rollout+score+experience"):
+            inputs = prepare(batch)
+        prompt, completion = inputs["prompt_mask"], inputs["completion_mask"]
+        recorder.add("tokens/generated", float(completion.sum()))
+        recorder.add("tokens/prompt", float(prompt.sum()))
+        recorder.add("tokens/real", float(prompt.sum() + completion.sum()))
+        recorder.add("tokens/padded", float(prompt.numel() + completion.numel()))
+        recorder.add("tokens/length", float(prompt.shape[1] + completion.shape[1]))
+        recorder.add("tokens/prompt_length", float(prompt.shape[1]))
+        recorder.add("rows", float(prompt.shape[0]))
+        return inputs
+
+    def timed_generate(*args, **kwargs):
+        with recorder.phase("rollout"):
+            return generate(*args, **kwargs)
+
+    def timed_rewards(*args, **kwargs):
+        with recorder.phase("score"):
+            return rewards(*args, **kwargs)
+
+    trainer._prepare_inputs, trainer._generate, trainer._calculate_rewards = timed_prepare, timed_generate, timed_rewards
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jsonargparse import CLI
+
+    from alignkit.bench import bench
+
+    def main(algorithms: list[str] = ["dpo", "rm", "ppo"], repeats: int = 3, steps: int = 5, warmup: int = 2,
+             patches: list[str] | None = None, output: str | None = None, smoke: bool = False) -> None:
+        """alignkit vs TRL on DPO, reward modelling and online RL (interleaved repeats, medians)."""
+        bench(algorithms=algorithms, repeats=repeats, steps=steps, warmup=warmup, compare=["trl"], patches=patches,
+              output=output, smoke=smoke)
+
+    CLI(main)

@@ -1,0 +1,23 @@
+"""Iterative RLHF (Bai et al. 2022; Llama 2): rounds of sampling from the current policy, new preference
+labels, a refreshed reward model on every label so far, and PPO (or DPO) from the current policy.
+
+- :func:`~alignkit_plugins.iterative.rounds.iterate`: the ``alignkit iterate`` command; rounds and steps
+  are resumable, their state read from ``<run_dir>/round_k/`` (:class:`~alignkit_plugins.iterative.rounds.RoundState`).
+- :mod:`~alignkit_plugins.iterative.labellers`: who labels a round — :class:`AnnotatorLabeller` (the
+  task's simulated annotator), :class:`JudgeLabeller` (an AI judge with ``compare``) or
+  :class:`FileLabeller` (humans, through a file; the run pauses until it is filled).
+"""
+
+from alignkit_plugins.iterative.labellers import (
+    AnnotatorLabeller,
+    FileLabeller,
+    Judge,
+    JudgeLabeller,
+    LabelContext,
+    Labeller,
+    LabelsPending,
+)
+from alignkit_plugins.iterative.rounds import RoundState, iterate
+
+__all__ = ["AnnotatorLabeller", "FileLabeller", "Judge", "JudgeLabeller", "LabelContext", "Labeller",
+           "LabelsPending", "RoundState", "iterate"]

@@ -1,0 +1,78 @@
+"""``alignkit bench --smoke``: every stage runs through the benchmark and reports sane figures; the FLOP
+formulas and the result plumbing are checked on hand-made numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from alignkit.bench import ModelShape, Workload, aggregate, bench, ModelSize, ratios, step_flops
+
+
+def test_smoke_bench_reports_every_stage(tmp_path, capsys):
+    report = bench(smoke=True, output=str(tmp_path / "bench.json"))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["algorithm"]: r for r in saved["results"]}
+    assert set(rows) == {"sft", "rm", "dpo", "ppo"} and len(report["results"]) == 4
+    for algorithm, row in rows.items():
+        assert "error" not in row, row.get("error")
+        assert row["framework"] == "alignkit" and row["repeats"] == 1
+        assert row["time_per_step_s"] > 0 and row["train_tokens_per_s"] > 0, algorithm
+        assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1.5 and row["mfu_peak"] > 0, algorithm
+        assert 0 <= row["pad_fraction"] < 1 and row["peak_mem_mb"] >= 0
+    assert rows["ppo"]["gen_tokens_per_s"] > 0 and rows["ppo"]["generated_tokens_per_step"] > 0
+    assert {"rollout", "score", "experience", "update"} <= set(rows["ppo"]["phases_s"])
+    assert saved["roofline_peak"]["flops_per_s"] > 0 and saved["meta"]["device"] in ("cpu", "cuda")
+    table = capsys.readouterr().out
+    assert "train tok/s" in table and "ppo" in table
+
+
+def test_bench_is_a_typed_command(tmp_path, monkeypatch):
+    """Registered in the command table, ``bench`` parses its options like every other command
+    (``alignkit bench --smoke=true ...``); the benchmark itself is replaced by a recorder here."""
+    import functools
+
+    from alignkit import commands
+
+    calls: dict = {}
+
+    @functools.wraps(bench)
+    def recorder(**kwargs):
+        calls.update(kwargs)
+
+    monkeypatch.setitem(commands.COMMANDS, "bench", recorder)
+    commands.run("bench", ["--smoke=true", "--algorithms=[dpo, ppo]", "--sizes=[{name: s, hidden_size: 32, "
+                           "num_layers: 2, num_heads: 2, intermediate_size: 64}]", "--workload.batch_size=8",
+                           "--compare=[trl]", f"--output={tmp_path / 'x.json'}"])
+    assert calls["algorithms"] == ["dpo", "ppo"] and calls["sizes"] == [ModelSize("s", 32, 2, 2, 64)]
+    assert calls["workload"] == Workload(batch_size=8) and calls["compare"] == ["trl"] and calls["smoke"] is True
+
+
+def test_flop_formulas():
+    shape = ModelShape(params=1000, matmul_params=800, layers=2, hidden=16, vocab=10)
+    forward = 2 * 800 * 10 + 4 * 2 * 16 * 5 * 10  # 10 real tokens, padded length 5
+    assert shape.forward(10, 5) == forward
+    step = {"tokens/real": 10.0, "tokens/length": 5.0}
+    work = Workload(update_epochs=2)
+    assert step_flops("sft", step, shape, shape, work) == 3 * forward
+    assert step_flops("dpo", step, shape, shape, work) == 4 * forward
+    assert step_flops("dpo", step, shape, shape, work, reference="precompute") == 3 * forward
+    online = {**step, "tokens/prompt": 4.0, "tokens/generated": 6.0, "tokens/prompt_length": 2.0}
+    expected = shape.forward(4, 2) + shape.forward(6, 5) + 3 * forward + 2 * 3 * forward
+    assert step_flops("ppo", online, shape, shape, work) == pytest.approx(expected)
+
+
+def test_aggregate_takes_medians_and_ratios_compare_frameworks():
+    size = ModelSize("s", 32, 2, 2, 64)
+    runs = [{"time_per_step_s": t, "train_tokens_per_s": 100 / t, "peak_mem_mb": 10.0, "flops_per_s": 1e9,
+             "median": {"time/step": t}} for t in (1.0, 3.0, 2.0)]
+    ours = aggregate(size, "dpo", "alignkit", runs, peak_flops=1e10)
+    assert ours["time_per_step_s"] == 2.0 and ours["train_tokens_per_s"] == 50.0 and ours["mfu_peak"] == 0.1
+    theirs = aggregate(size, "dpo", "trl", [{**runs[0], "train_tokens_per_s": 25.0, "peak_mem_mb": 20.0}], 1e10)
+    failed = aggregate(size, "rm", "trl", [{"error": "boom"}], 1e10)
+    assert failed["error"] == "boom"
+    (ratio,) = ratios([ours, theirs, failed])
+    assert ratio["speedup"] == 2.0 and ratio["memory_ratio"] == 0.5 and ratio["theirs"] == "trl"
+    assert math.isnan(ratios([ours, {**theirs, "train_tokens_per_s": 0.0}])[0]["speedup"])
