@@ -13,13 +13,15 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from alignkit.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 from alignkit.data.modules import AlignData
 from alignkit.module import AlignModule
-from alignkit.run import RunDirectory, check_fresh, default_run_dir
+from alignkit.run import RunDirectory, check_fresh, default_run_dir, resume_checkpoint
 
 TRAINER_COMMANDS = ("fit", "validate")
 
@@ -45,6 +47,10 @@ class AlignCLI(LightningCLI):
                             help="wandb group of this run (default: the recipe's name).")
         parser.add_argument("--wandb", type=bool, default=True,
                             help="Log to wandb in offline mode (no account or network needed; `wandb sync` later).")
+        parser.add_argument("--checkpoint_every", type=int | None, default=None,
+                            help="Write checkpoints/last.ckpt every N optimiser steps (default: at the end of each epoch).")
+        parser.add_argument("--resume", type=bool, default=False,
+                            help="Continue the unfinished run in --run_dir from its checkpoints/last.ckpt.")
 
     @property
     def _cfg(self):
@@ -58,7 +64,11 @@ class AlignCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg
         run_dir = cfg.run_dir or cfg.trainer.default_root_dir or str(default_run_dir(self.recipe))
-        if self.subcommand == "fit":
+        if self.subcommand == "fit" and cfg.resume:
+            if cfg.get("ckpt_path"):
+                raise ArgumentError(None, "give --resume true or --ckpt_path, not both")
+            cfg.ckpt_path = str(resume_checkpoint(Path(run_dir)))
+        elif self.subcommand == "fit":
             check_fresh(Path(run_dir))
         cfg.run_dir = cfg.trainer.default_root_dir = str(run_dir)
 
@@ -70,10 +80,23 @@ class AlignCLI(LightningCLI):
             kwargs["logger"] = self.default_loggers(run_dir)
         kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), RunDirectory(run_dir, self.recipe)]
         if trainer_cfg.get("enable_checkpointing", True) is not False:
-            kwargs["callbacks"].append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
+            every = cfg.get("checkpoint_every")
+            # No version counter: a resumed run overwrites last.ckpt instead of writing last-v1.ckpt beside it.
+            kwargs["callbacks"].append(PeriodicCheckpoint(run_dir / "checkpoints", every) if every else
+                                       ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
+                                                       enable_version_counter=False))
+        kwargs["plugins"] = self.checkpoint_plugins(trainer_cfg.get("plugins"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             kwargs["callbacks"].append(RichProgressBar(leave=True))
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def checkpoint_plugins(plugins: Any) -> list:
+        """The trainer's plugins plus :class:`AtomicCheckpointIO`, unless a checkpoint writer is given."""
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return plugins
 
     def default_loggers(self, run_dir: Path) -> list:
         loggers: list = [CSVLogger(save_dir=run_dir, name="", version="")]

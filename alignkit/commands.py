@@ -12,6 +12,7 @@ from typing import Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from alignkit.collect import collect
+from alignkit.compare import compare
 from alignkit.data.formats import DataError
 from alignkit.evaluation import evaluate
 from alignkit.manager import PluginError, discover
@@ -93,7 +94,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
     return outputs
 
 
-COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate}
+COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate, "compare": compare}
 
 
 def run(name: str, argv: list[str]) -> object:

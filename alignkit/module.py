@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import get_scheduler
 
+from alignkit.checkpoint import rng_states, set_rng_states
 from alignkit.manager import PluginError, call_each, call_first, build_manager
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.plugin import Algorithm, Reward, RewardOutput
@@ -178,15 +179,40 @@ class AlignModule(L.LightningModule):
         return out
 
     def nonfinite(self, quantity: str, value: Tensor) -> None:
-        message = f"step {self.global_step}: {quantity} is {value.detach().float().flatten()[:4].tolist()} (not finite)"
+        """Stop the run (``NonFiniteError``) or, with ``skip_nonfinite``, report the skipped batch and return None."""
+        values = value.detach().float().flatten()
+        bad = values[~torch.isfinite(values)]
+        message = (f"step {self.global_step}: {quantity} is not finite ({bad.numel()} of {values.numel()} values, "
+                   f"e.g. {bad[:4].tolist()})")
         if not self.skip_nonfinite:
             raise NonFiniteError(message + "; set model.skip_nonfinite=true to skip such batches")
         self.print(f"skipping batch: {message}")
         return None
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give NaN/inf gradients: stop, or (``skip_nonfinite``) drop every gradient so
+        that the optimiser step leaves the weights and its moments unchanged. Skipped under a gradient scaler
+        (fp16), which handles overflowing gradients itself by skipping the step."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        named = [(n, p) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(p.grad).all() for _, p in named])
+        if bool(finite.all()):
+            return
+        name, parameter = named[int((~finite).nonzero()[0])]
+        self.nonfinite(f"gradient of {name}", parameter.grad)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def online_step(self, batch) -> None:
         rollout = call_first(self.pm, "alignkit_rollout", Rollout, module=self, batch=batch)
-        scores, reward_stats = self.score(rollout)
+        scored = self.score(rollout)
+        if scored is None:
+            return None  # a reward was not finite and the batch is skipped
+        scores, reward_stats = scored
         if not torch.isfinite(scores).all():
             return self.nonfinite("reward", scores)
         experience = call_first(self.pm, "alignkit_experience", object, module=self, rollout=rollout, scores=scores)
@@ -246,14 +272,18 @@ class AlignModule(L.LightningModule):
                 break  # early stop: the policy moved too far from the sampling policy
         return {key: total / max(count, 1) for key, total in totals.items()}
 
-    def score(self, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
-        """Every reward plugin scores the rollout; the weighted sum is normalised and clipped."""
+    def score(self, rollout: Rollout) -> tuple[Tensor, dict[str, float]] | None:
+        """Every reward plugin scores the rollout; the weighted sum is normalised and clipped. None when a
+        reward is not finite and ``skip_nonfinite`` skips the batch."""
         outputs: list[RewardOutput] = call_each(self.pm, "alignkit_score", RewardOutput, prompts=rollout.prompts,
                                                 responses=rollout.responses, rollout=rollout)
         if not outputs:
             raise PluginError("no reward plugin scored the rollout: list at least one under model.rewards")
         weights = {r.reward_name: r.weight for r in self.rewards}
         named = {o.name: o.scores.to(self.device).float() for o in outputs}
+        for name, part in named.items():
+            if not torch.isfinite(part).all():  # before normalisation: running statistics must stay finite
+                return self.nonfinite(f"reward {name!r}", part)
         combined, parts = combine_rewards(named, {name: weights.get(name, 1.0) for name in named})
         stats = {f"objective/scores/{name}": float(part.mean()) for name, part in parts.items()} if len(parts) > 1 else {}
         for o in outputs:
@@ -297,7 +327,8 @@ class AlignModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith(self.FROZEN_PREFIXES)}
         checkpoint["alignkit"] = {"reward_moments": self.reward_moments.state_dict(),
-                                  "algorithm": getattr(self.algorithm, "extra_state", dict)()}
+                                  "algorithm": getattr(self.algorithm, "extra_state", dict)(),
+                                  "rng": rng_states(self.owned_generators())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self.FROZEN_PREFIXES)}
@@ -307,3 +338,11 @@ class AlignModule(L.LightningModule):
             self.reward_moments.load_state_dict(state["reward_moments"])
         if state.get("algorithm") and hasattr(self.algorithm, "load_extra_state"):
             self.algorithm.load_extra_state(state["algorithm"])
+        if "rng" in state and self._trainer is not None:  # resuming a fit, not just reading weights
+            set_rng_states(state["rng"], self.owned_generators())
+
+    def owned_generators(self) -> dict[str, torch.Generator]:
+        """The ``torch.Generator`` attributes of the algorithm and the reward plugins, by dotted name."""
+        owners = [("algorithm", self.algorithm), *((f"rewards.{i}", r) for i, r in enumerate(self.rewards))]
+        return {f"{prefix}.{attr}": value for prefix, owner in owners for attr, value in vars(owner).items()
+                if isinstance(value, torch.Generator)}

@@ -6,6 +6,7 @@ place, so a killed run never leaves a half-written model where a finished one is
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,13 +18,20 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+COMPLETIONS_FILE = "completions.jsonl"
 
 
 class RunExistsError(FileExistsError):
     """The chosen run directory already holds a finished run."""
+
+
+class NothingToResumeError(FileNotFoundError):
+    """``--resume`` was asked for a run directory without a checkpoint."""
 
 
 def default_run_dir(recipe: str | None) -> Path:
@@ -31,13 +39,23 @@ def default_run_dir(recipe: str | None) -> Path:
     return Path("runs") / stem / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def check_fresh(run_dir: Path) -> None:
+def check_fresh(run_dir: Path, resuming: bool = False) -> None:
     """Refuse a run directory that holds a finished run: its model, or its ``metrics.json`` (the last file
     every command writes, e.g. ``collect``, which writes no model)."""
     for name, what in ((MODEL_DIR, "a finished model"), (METRICS_FILE, "a finished run")):
         if (run_dir / name).exists():
-            raise RunExistsError(f"run directory {run_dir} already holds {what} ({name}); choose another --run_dir "
-                                 f"(nothing was overwritten)")
+            advice = "there is nothing to resume" if resuming else "choose another --run_dir (nothing was overwritten)"
+            raise RunExistsError(f"run directory {run_dir} already holds {what} ({name}); {advice}")
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint ``--resume`` continues from: ``<run_dir>/checkpoints/last.ckpt`` of an unfinished run."""
+    check_fresh(run_dir, resuming=True)
+    path = run_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        raise NothingToResumeError(f"cannot resume {run_dir}: there is no {LAST_CHECKPOINT} in it (give the --run_dir "
+                                   f"of a run that wrote a checkpoint before it stopped)")
+    return path
 
 
 def to_float(value: Any) -> float | None:
@@ -82,15 +100,44 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 
 
 class RunDirectory(L.Callback):
-    """Exports the final model and writes ``metrics.json`` when fitting ends normally."""
+    """Exports the final model and writes ``metrics.json`` when fitting ends normally.
+
+    Its state (the first step's metrics and the wall time so far) travels in checkpoints. A run resumed from a
+    checkpoint at step K keeps the ``metrics.csv`` rows and ``completions.jsonl`` samples written up to K
+    (Lightning's CSV logger would otherwise delete the file) and drops those of the steps after K, which the
+    resumed run trains again.
+    """
 
     def __init__(self, run_dir: str | Path, recipe: str | None = None):
         self.run_dir, self.recipe = Path(run_dir), recipe
         self.started = 0.0
+        self.earlier_wall_time = 0.0  # of the processes before a resume
         self.first: dict[str, float] = {}
+        self.resumed_step: int | None = None
+        self.csv_history: dict[str, list[dict[str, str]]] = {}  # per CSV log folder: the rows kept on resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "wall_time_s": self.earlier_wall_time + time.perf_counter() - self.started}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.first = dict(state_dict.get("first", {}))
+        self.earlier_wall_time = float(state_dict.get("wall_time_s", 0.0))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Read now: the CSV logger deletes metrics.csv when it opens its folder.
+        self.resumed_step = int(checkpoint["global_step"])
+        print("DEBUG", [(type(l), l.log_dir, (Path(l.log_dir) / "metrics.csv").is_file()) for l in trainer.loggers])
+        self.csv_history = {logger.log_dir: logged_before(Path(logger.log_dir) / "metrics.csv", self.resumed_step)
+                            for logger in trainer.loggers if isinstance(logger, CSVLogger)}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
+        if self.resumed_step is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger) and self.csv_history.get(logger.log_dir):
+                logger.experiment.metrics[:0] = self.csv_history[logger.log_dir]  # written with the next rows
+        keep_completions(self.run_dir / COMPLETIONS_FILE, self.resumed_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.first:
@@ -107,10 +154,33 @@ class RunDirectory(L.Callback):
                 "recipe": self.recipe,
                 "algorithm": type(pl_module.algorithm).__name__,
                 "global_step": trainer.global_step,
-                "wall_time_s": round(time.perf_counter() - self.started, 2),
+                "wall_time_s": round(self.earlier_wall_time + time.perf_counter() - self.started, 2),
                 "first": self.first,
                 "final": final,
                 "data": data.state_dict() if data is not None else {},
                 "model": str(self.run_dir / MODEL_DIR),
             })
         trainer.strategy.barrier("alignkit-export")
+
+
+def logged_before(path: Path, step: int) -> list[dict[str, str]]:
+    """The rows of a Lightning ``metrics.csv`` logged before optimiser step ``step``."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("step") and int(float(row["step"])) < step]
+
+
+def keep_completions(path: Path, step: int) -> None:
+    """Drop the samples recorded after optimiser step ``step`` from ``completions.jsonl`` (atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.writelines(kept)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)

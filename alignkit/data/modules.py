@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import random
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -37,6 +38,52 @@ def right_pad(rows: list[list[int]], pad: int, length: int | None = None) -> tup
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: with ``shuffle``, a permutation seeded by ``seed + epoch`` (Lightning sets the epoch
+    before each one), so the order never depends on what ran before; split over ``num_replicas`` data-parallel
+    ranks as :class:`DistributedSampler` does (one replica: every row, in that order). ``skip`` drops the first
+    indices of the next pass only: a resumed run continues an epoch after the rows it already trained on."""
+
+    skip: int = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A training loader that Lightning checkpoints and resumes mid-epoch.
+
+    Lightning's fit loop stores ``state_dict()`` (the epoch and the batches this loader has yielded in it) in
+    every checkpoint and, when resuming, passes it back to ``load_state_dict`` before the interrupted epoch
+    continues. The next pass of that epoch then skips the batches already trained on: only their indices are
+    drawn, nothing is loaded or collated. ``len()`` stays the whole epoch, as Lightning expects. Needs a
+    :class:`ResumableSampler`.
+    """
+
+    _yielded = 0
+    _resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: this runs at the first batch, after Lightning has set the sampler's epoch.
+        sampler, resume = self.sampler, self._resume
+        self._resume = None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
+        sampler.skip = skip * self.batch_size
+        self.generator.manual_seed(sampler.seed + sampler.epoch)  # worker seeds, also on resume
+        self._yielded = skip
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
 
 
 class AlignData(L.LightningDataModule, abc.ABC):
@@ -82,6 +129,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
         self.stats = TruncationStats()
         self.train_set: list[Any] = []
         self.val_set: list[Any] = []
+        self.train_loader_state: dict[str, int] | None = None
 
     @property
     def source(self) -> str:
@@ -125,28 +173,40 @@ class AlignData(L.LightningDataModule, abc.ABC):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None outside a Trainer
-        if trainer is not None and trainer.world_size > 1:
-            # Our own sampler: Lightning's automatic one always shuffles training data.
-            sampler = DistributedSampler(self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                         shuffle=self.shuffle, seed=self.seed)
-            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                              num_workers=self.num_workers)
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # Our own sampler, also on one process: Lightning's automatic one always shuffles training data.
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed)
+        loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                                 num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        if self.train_loader_state is not None:  # restored from a checkpoint: the trainer's loader asks first
+            loader.load_state_dict(self.train_loader_state)
+            self.train_loader_state = None
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_set:
             return []
+        # A private generator: iterating the loader never draws from the global RNG (which sampling uses).
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
     @abc.abstractmethod
     def collate(self, examples: list[Any]):
         """Pad a list of examples into the typed batch of this data kind."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"truncated": self.stats.truncated, "dropped": self.stats.dropped, "examples": self.stats.examples}
+        """Truncation statistics and, during training, the train loader's position (stored in checkpoints)."""
+        state = {"truncated": self.stats.truncated, "dropped": self.stats.dropped, "examples": self.stats.examples}
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        if isinstance(loader, ResumableLoader):
+            state["train_loader"] = loader.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's train loader position for the next :meth:`train_dataloader`. Lightning restores
+        the data module before it builds the trainer's loader, whereas its fit loop restores loader states only
+        after the loader was first built (to count the training steps) and so never hands them over."""
+        self.train_loader_state = state_dict.get("train_loader")
 
 
 class SFTData(AlignData):

@@ -1,0 +1,125 @@
+"""Durable checkpoints: atomic writes, a step-based ``last.ckpt`` and the random-number-generator states a
+resumed run needs to draw the same numbers as an uninterrupted one.
+
+A checkpoint is written to a temporary file in the target's folder, flushed to disk and renamed over the
+target, so a run killed while writing (even with SIGKILL) leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: its generator is saved only when it is installed
+    np = None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into ``.<name>.<random>.tmp`` next to the target, ``fsync``, then ``os.replace``.
+
+    Remote paths (``scheme://...``) keep Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run killed while writing
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(target.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` whenever the optimiser step count passes a multiple of ``every``.
+
+    Unlike ``ModelCheckpoint(every_n_train_steps=...)``, which saves only when the step count *is* a
+    multiple, this also fires for online algorithms, whose one training batch makes several optimiser
+    steps. Only ``last.ckpt`` is kept (no per-step files), and a resumed run overwrites it.
+    """
+
+    def __init__(self, dirpath: str | Path, every: int):
+        if every < 1:
+            raise ValueError(f"--checkpoint_every must be >= 1, got {every}")
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every,
+                         enable_version_counter=False)
+        self.every = every
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # a resumed run counts from its checkpoint
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        if trainer.global_step // self.every > self._last_global_step_saved // self.every:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+
+def rng_states(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """The global generators (torch CPU and CUDA, numpy, python ``random``) and the given named ones, in
+    plain types that ``torch.load(weights_only=True)`` accepts."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if np is not None:
+        numpy_state = np.random.get_state(legacy=False)
+        state["numpy"] = {"key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"]),
+                          "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])}
+    return state
+
+
+def set_rng_states(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    """Restore what :func:`rng_states` captured. Named generators missing on either side are left alone."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state and np is not None:
+        saved = state["numpy"]
+        np.random.set_state({"bit_generator": "MT19937",
+                             "state": {"key": np.asarray(saved["key"], dtype=np.uint32), "pos": saved["pos"]},
+                             "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
+    for name, generator_state in state.get("generators", {}).items():
+        if name in generators:
+            generators[name].set_state(generator_state)
