@@ -24,6 +24,7 @@ from alignkit.module import AlignModule
 from alignkit.run import RunDirectory, check_fresh, default_run_dir, resume_checkpoint
 
 TRAINER_COMMANDS = ("fit", "validate")
+RUN_DIR_ENV = "ALIGNKIT_RUN_DIR"
 
 
 class AlignCLI(LightningCLI):
@@ -63,7 +64,10 @@ class AlignCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg
-        run_dir = cfg.run_dir or cfg.trainer.default_root_dir or str(default_run_dir(self.recipe))
+        # Lightning's DDP children re-run this command: they must reuse the parent's timestamped default.
+        inherited = os.environ.get(RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
+        run_dir = cfg.run_dir or cfg.trainer.default_root_dir or inherited or str(default_run_dir(self.recipe))
+        os.environ[RUN_DIR_ENV] = str(run_dir)
         if self.subcommand == "fit" and cfg.resume:
             if cfg.get("ckpt_path"):
                 raise ArgumentError(None, "give --resume true or --ckpt_path, not both")

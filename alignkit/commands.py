@@ -29,11 +29,12 @@ def plugins(kind: Literal["all", "algorithm", "reward", "task", "other", "broken
         kind: show only plugins of this kind.
     """
     rows = [p for p in discover() if kind in ("all", p.kind)]
-    width = max((len(p.name) for p in rows), default=4)
-    print(f"{'name':<{width}}  {'kind':<9}  {'distribution':<18}  {'target':<48}  hooks")
-    for p in rows:
-        hooks = ", ".join(h.removeprefix("alignkit_") for h in p.hooks) or "-"
-        print(f"{p.name:<{width}}  {p.kind:<9}  {p.distribution + ' ' + p.version:<18}  {p.target:<48}  {hooks}")
+    table = [("name", "kind", "distribution", "target", "hooks")] + [
+        (p.name, p.kind, f"{p.distribution} {p.version}", p.target,
+         ", ".join(h.removeprefix("alignkit_") for h in p.hooks) or "-") for p in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
 
 
 @dataclass

@@ -208,6 +208,8 @@ class AlignModule(L.LightningModule):
                 p.grad = None
 
     def online_step(self, batch) -> None:
+        if self.algorithm.samples_per_prompt > 1:
+            batch = batch.repeat_interleave(self.algorithm.samples_per_prompt)
         rollout = call_first(self.pm, "alignkit_rollout", Rollout, module=self, batch=batch)
         scored = self.score(rollout)
         if scored is None:

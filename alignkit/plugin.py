@@ -47,17 +47,23 @@ class OnlineAlgorithm(Algorithm):
     online: ClassVar[bool] = True
     data_kind: ClassVar[DataKind] = "prompt"
 
-    def __init__(self, update_epochs: int = 1, target_approx_kl: float | None = None, max_grad_norm: float | None = 1.0):
+    def __init__(self, update_epochs: int = 1, target_approx_kl: float | None = None, max_grad_norm: float | None = 1.0,
+                 samples_per_prompt: int = 1):
         """
         Args:
             update_epochs: passes over each rollout batch (PPO's ``ppo_epochs``).
             target_approx_kl: stop the update epochs early once the mean approx-KL between the new and the
                 sampling policy exceeds this (None: never).
             max_grad_norm: gradient clipping norm applied at every optimiser step (None: off).
+            samples_per_prompt: responses sampled per prompt; the host repeats each prompt row this many times
+                (consecutively) before the rollout, so group baselines (RLOO, GRPO) see their groups.
         """
         super().__init__()
         if update_epochs < 1:
             raise ValueError(f"algorithm.update_epochs must be >= 1, got {update_epochs}")
+        if samples_per_prompt < 1:
+            raise ValueError(f"algorithm.samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        self.samples_per_prompt = samples_per_prompt
         self.update_epochs = update_epochs
         self.target_approx_kl = target_approx_kl
         self.max_grad_norm = max_grad_norm

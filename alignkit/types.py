@@ -70,6 +70,11 @@ class PromptBatch(TensorRecord):
     prompts: list[str]  # the prompt texts, for reward plugins that read text
     index: Tensor  # (B,) row of each prompt in its data set
 
+    def repeat_interleave(self, k: int) -> PromptBatch:
+        """Each prompt ``k`` times in a row: rows ``i·k … i·k + k − 1`` are copies of prompt ``i``."""
+        return PromptBatch(self.input_ids.repeat_interleave(k, 0), self.attention_mask.repeat_interleave(k, 0),
+                           [p for p in self.prompts for _ in range(k)], self.index.repeat_interleave(k))
+
 
 @dataclass
 class Rollout(TensorRecord):

@@ -14,11 +14,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alignkit.manager import call_first
 from alignkit.ops import masked_mean
 from alignkit.plugin import OnlineAlgorithm, hookimpl
 from alignkit.rollout import SamplingConfig, response_logprobs
-from alignkit.types import LossOutput, PromptBatch, Rollout, TensorRecord
+from alignkit.types import LossOutput, Rollout, TensorRecord
 
 
 def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
@@ -92,26 +91,11 @@ class RLOO(OnlineAlgorithm):
             sampling: how responses are sampled (read by the rollout engine).
             **kwargs: ``update_epochs``, ``target_approx_kl`` and ``max_grad_norm`` of OnlineAlgorithm.
         """
-        super().__init__(**kwargs)
         if samples_per_prompt < 2:
             raise ValueError(f"algorithm.samples_per_prompt must be >= 2, got {samples_per_prompt}")
-        self.samples_per_prompt, self.baseline, self.kl_coef = samples_per_prompt, baseline, kl_coef
+        super().__init__(samples_per_prompt=samples_per_prompt, **kwargs)  # the host samples k per prompt
+        self.baseline, self.kl_coef = baseline, kl_coef
         self.clip_range, self.num_minibatches, self.sampling = clip_range, num_minibatches, sampling
-        self._nested = False
-
-    @hookimpl(tryfirst=True)
-    def alignkit_rollout(self, module, batch: PromptBatch) -> Rollout | None:
-        """Ask the configured rollout engine (built-in or a replacement plugin) for k samples per prompt by
-        asking the hook again with every prompt row repeated k times; in that nested call, step aside."""
-        if self._nested:
-            return None
-        k, self._nested = self.samples_per_prompt, True
-        try:
-            return call_first(module.pm, "alignkit_rollout", Rollout, module=module, batch=PromptBatch(
-                batch.input_ids.repeat_interleave(k, 0), batch.attention_mask.repeat_interleave(k, 0),
-                [p for p in batch.prompts for _ in range(k)], batch.index.repeat_interleave(k)))
-        finally:
-            self._nested = False
 
     @hookimpl
     def alignkit_experience(self, module, rollout: Rollout, scores: Tensor) -> GroupExperience:
