@@ -21,15 +21,16 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import lightning as L
 import pytest
 import torch
 from conftest import QUIET, REPO, TINY_MODEL, preference_rows, run_cli, write_jsonl
 
 import alignkit.cli  # noqa: F401  (imported before any test captures output: lightning's log handler binds it)
-from alignkit.manager import PluginError, call_first, discover, implemented_hooks
+from alignkit.manager import PluginError, discover, implemented_hooks
 from alignkit.models import ModelConfig, TinyModelConfig
 from alignkit.module import AlignModule
-from alignkit.plugin import hookimpl
+from alignkit.plugin import Reward, RewardOutput, hookimpl
 from alignkit.rollout import SamplingConfig
 from alignkit.types import PromptBatch, Rollout
 
@@ -94,8 +95,7 @@ def test_plugins_lists_the_examples_with_their_hooks(examples, capsys):
         assert info.hooks == implemented_hooks(cls)
         listed = rows[name].split(None, 5)[-1]  # the hooks column
         assert listed == ", ".join(h.removeprefix("alignkit_") for h in info.hooks)
-    assert infos["rloo"].hooks == ("alignkit_experience", "alignkit_loss", "alignkit_metrics",
-                                   "alignkit_minibatches", "alignkit_rollout")
+    assert infos["rloo"].hooks == ("alignkit_experience", "alignkit_loss", "alignkit_metrics", "alignkit_minibatches")
     assert infos["simpo"].hooks == ("alignkit_loss",)
 
 
@@ -179,17 +179,18 @@ def test_example_package_tests(examples, path, function):
 # ------------------------------------------------------------------------------------------ RLOO and the rollout engine
 
 class RecordingEngine:
-    """A replacement rollout engine (as a vLLM plugin would be): records the prompts it is asked for."""
+    """A replacement rollout engine (as a vLLM plugin would be): records the prompt batches it is asked for
+    and answers with a hand-made two-token response per row."""
 
     def __init__(self, fail: bool = False):
-        self.asked: list[list[str]] = []
+        self.asked: list[PromptBatch] = []
         self.fail = fail
 
     @hookimpl
     def alignkit_rollout(self, module, batch: PromptBatch) -> Rollout:
         if self.fail:
             raise RuntimeError("engine out of memory")
-        self.asked.append(list(batch.prompts))
+        self.asked.append(batch)
         n, width = len(batch.prompts), 2
         ones = torch.ones(n, width, dtype=torch.long)
         return Rollout(sequences=torch.cat([batch.input_ids, ones], 1), attention_mask=torch.cat([batch.attention_mask, ones], 1),
@@ -197,35 +198,71 @@ class RecordingEngine:
                        prompt_length=batch.input_ids.shape[1], prompts=list(batch.prompts), responses=["x"] * n)
 
 
+class RecordingReward(Reward):
+    """Scores every response 0 and records the prompts of the rollout it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts: list[list[str]] = []
+
+    def score(self, prompts, responses, rollout):
+        self.prompts.append(list(prompts))
+        return RewardOutput(self.reward_name, torch.zeros(len(responses)))
+
+
 def prompt_batch() -> PromptBatch:
     return PromptBatch(input_ids=torch.tensor([[5, 6], [7, 8]]), attention_mask=torch.ones(2, 2, dtype=torch.long),
                        prompts=["a", "b"], index=torch.tensor([0, 1]))
 
 
-def test_rloo_hands_k_copies_of_each_prompt_to_the_configured_engine(examples):
+def one_online_step(module: AlignModule, root: Path) -> None:
+    """One online step through Lightning: RLOO's single minibatch makes it one optimiser step."""
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=root)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([prompt_batch()], batch_size=None))
+    assert trainer.global_step == 1
+
+
+def test_prompt_batch_repeat_interleave_puts_the_copies_of_a_prompt_in_a_row():
+    grouped = prompt_batch().repeat_interleave(3)
+    assert grouped.prompts == ["a", "a", "a", "b", "b", "b"]
+    assert grouped.input_ids.tolist() == [[5, 6]] * 3 + [[7, 8]] * 3
+    assert grouped.attention_mask.shape == (6, 2) and grouped.index.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_replacement_engine_receives_k_copies_of_each_prompt_from_the_host(examples, tmp_path):
     from alignkit_rloo import RLOO
 
-    engine = RecordingEngine()
+    assert "alignkit_rollout" not in implemented_hooks(RLOO)  # the host groups the prompts, not the plugin
+    engine, reward = RecordingEngine(), RecordingReward()
     module = AlignModule(algorithm=RLOO(samples_per_prompt=3, sampling=SamplingConfig(max_new_tokens=2)), policy=TINY,
-                         plugins=[engine])
-    rollout = call_first(module.pm, "alignkit_rollout", Rollout, module=module, batch=prompt_batch())
-    assert engine.asked == [["a", "a", "a", "b", "b", "b"]]
-    assert rollout.sequences[:, :2].tolist() == [[5, 6]] * 3 + [[7, 8]] * 3
-    # and the built-in engine, when no replacement is registered, samples k responses per prompt too
-    module = AlignModule(algorithm=RLOO(samples_per_prompt=2, sampling=SamplingConfig(max_new_tokens=2)), policy=TINY)
-    rollout = call_first(module.pm, "alignkit_rollout", Rollout, module=module, batch=prompt_batch())
-    assert rollout.prompts == ["a", "a", "b", "b"] and rollout.sequences.shape[0] == 4
+                         rewards=[reward], plugins=[engine])
+    one_online_step(module, tmp_path)
+    [batch] = engine.asked
+    assert batch.prompts == ["a", "a", "a", "b", "b", "b"]
+    assert batch.input_ids.tolist() == [[5, 6]] * 3 + [[7, 8]] * 3 and batch.index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert reward.prompts == [batch.prompts]  # the rewards score all B·k responses, in groups
+
+
+def test_the_builtin_engine_samples_k_responses_per_prompt(examples, tmp_path):
+    from alignkit_rloo import RLOO
+
+    reward = RecordingReward()
+    module = AlignModule(algorithm=RLOO(samples_per_prompt=2, sampling=SamplingConfig(max_new_tokens=2)), policy=TINY,
+                         rewards=[reward])
+    one_online_step(module, tmp_path)
+    assert reward.prompts == [["a", "a", "b", "b"]]
 
 
 def test_a_failing_engine_behind_rloo_is_named(examples):
     from alignkit_rloo import RLOO
 
-    module = AlignModule(algorithm=RLOO(), policy=TINY, plugins=[RecordingEngine(fail=True)])
+    module = AlignModule(algorithm=RLOO(), policy=TINY, rewards=[RecordingReward()], plugins=[RecordingEngine(fail=True)])
     with pytest.raises(PluginError) as info:
-        call_first(module.pm, "alignkit_rollout", Rollout, module=module, batch=prompt_batch())
+        module.online_step(prompt_batch())  # the rollout is the first hook of the step: no trainer needed
     message = str(info.value)
     assert f"{__name__}.RecordingEngine" in message and "alignkit_rollout" in message and "out of memory" in message
-    assert not module.algorithm._nested  # the nested-call guard is reset after a failure
 
 
 # ------------------------------------------------------------------------------------------ broken packages

@@ -1,8 +1,9 @@
-"""The RLOO/GRPO math on hand-computed values (no model needed)."""
+"""The RLOO/GRPO math on hand-computed values, and the k handed to the host (no model needed)."""
 
+import pytest
 import torch
 
-from alignkit_rloo import clipped_pg_loss, grpo_advantages, rloo_advantages
+from alignkit_rloo import RLOO, clipped_pg_loss, grpo_advantages, rloo_advantages
 
 # two prompts, k = 3 samples each
 REWARDS = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0])
@@ -47,3 +48,11 @@ def test_clipping_stops_the_gradient_beyond_one_plus_eps():
     assert float(stats["policy/clipfrac"]) == 1.0
     loss.backward()
     assert float(logprobs.grad) == 0.0
+
+
+def test_k_is_handed_to_the_host_and_must_be_at_least_two():
+    # the host reads OnlineAlgorithm.samples_per_prompt and repeats each prompt k times before the rollout
+    assert RLOO(samples_per_prompt=3).samples_per_prompt == 3
+    assert RLOO().samples_per_prompt == 4
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 2"):
+        RLOO(samples_per_prompt=1)
