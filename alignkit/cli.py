@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in commands.COMMANDS:
+        if argv and argv[0] in commands.available():
             commands.run(argv[0], argv[1:])
         else:
             AlignCLI(args=None if from_command_line else argv)

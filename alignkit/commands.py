@@ -45,7 +45,8 @@ class Stage:
     """Stage name; ``${name}`` in later stages' args is replaced by this stage's run directory."""
     recipe: str | None = None
     """Recipe YAML, relative to the pipeline file (for ``fit`` stages)."""
-    command: Literal["fit", "collect", "eval"] = "fit"
+    command: str = "fit"
+    """``fit`` (a recipe), or any other alignkit command: collect, eval, compare, or one a plugin adds."""
     args: list[str] = field(default_factory=list)
     """Command-line arguments/overrides, e.g. ``--model.policy.name_or_path=${sft}/model``."""
 
@@ -83,6 +84,9 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
             continue
         args = [substitute(a, outputs) for a in stage.args]
         print(f"[pipeline] {stage.name}: {stage.command} {' '.join(shlex.quote(a) for a in args)}")
+        if stage.command != "fit" and stage.command not in available():
+            raise DataError(f"pipeline stage {stage.name!r}: unknown command {stage.command!r}; "
+                            f"known: fit, {', '.join(sorted(available()))}")
         if stage.command == "fit":
             if stage.recipe is None:
                 raise DataError(f"pipeline stage {stage.name!r}: a fit stage needs a recipe")
@@ -96,11 +100,21 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
 
 
 COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate, "compare": compare}
+COMMAND_GROUP = "alignkit.commands"
+
+
+def available() -> dict[str, object]:
+    """The built-in commands and those plugins register in the ``alignkit.commands`` entry-point group
+    (name → typed function), e.g. Constitutional AI's ``cai-revise``."""
+    from importlib.metadata import entry_points
+
+    table = {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+    return {**{name: ep.load() for name, ep in table.items() if name not in COMMANDS}, **COMMANDS}
 
 
 def run(name: str, argv: list[str]) -> object:
     """Parse ``argv`` for command ``name`` (``--config FILE`` allowed) and call it."""
-    function = COMMANDS[name]
+    function = available()[name]
     summary = (function.__doc__ or "").split("\n\n")[0]  # the Args section becomes the options' help
     parser = ArgumentParser(prog=f"alignkit {name}", description=summary, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")
