@@ -47,7 +47,8 @@ class PreferenceBatch(TensorRecord):
     so one forward pass scores both (the concatenated forward). Right padded.
 
     ``loss_mask`` marks response tokens (the tokens whose log-probs form ``log π(y|x)``), aligned with
-    ``input_ids``. ``margin`` is the optional per-pair margin column (zeros when absent).
+    ``input_ids``. ``margin`` is the optional per-pair margin column (zeros when absent); ``soft_label`` the
+    optional probability that the chosen response is preferred (None: hard labels).
     """
 
     input_ids: Tensor  # (2B, T)
@@ -55,6 +56,7 @@ class PreferenceBatch(TensorRecord):
     loss_mask: Tensor  # (2B, T)
     margin: Tensor  # (B,)
     index: Tensor  # (B,) row of each pair in its data set (for cached reference log-probs)
+    soft_label: Tensor | None = None  # (B,) P(chosen ≻ rejected) training targets
 
     @property
     def num_pairs(self) -> int:

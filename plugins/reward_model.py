@@ -19,23 +19,29 @@ class BradleyTerryTerms:
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None,
-                       center_coef: float = 0.0) -> BradleyTerryTerms:
-    """Bradley–Terry preference loss with optional margin and reward centring.
+                       center_coef: float = 0.0, soft_label: Tensor | None = None) -> BradleyTerryTerms:
+    """Bradley–Terry preference loss with optional margin, soft labels and reward centring.
 
-    ``L = mean_i[ −log σ(r_c,i − r_r,i − m_i) ] + c · mean_i[ (r_c,i + r_r,i)² ]``
+    ``L = mean_i[ −p_i log σ(d_i) − (1 − p_i) log σ(−d_i) ] + c · mean_i[ (r_c,i + r_r,i)² ]``,
+    ``d_i = r_c,i − r_r,i − m_i``; with hard labels (p = 1) the first term is ``−log σ(d_i)``.
 
     The margin ``m`` (Llama 2's graded preferences) asks for a larger gap on clearer comparisons; the
     centring term (Eisenstein et al. 2023) keeps rewards near zero, since the BT loss only fixes
-    differences.
+    differences. Soft labels ``p`` (Bai et al. 2022 train on an AI judge's option probabilities) make
+    the target a probability instead of a certainty.
 
     Args:
         chosen: ``(B,)`` scores of the preferred responses.
         rejected: ``(B,)`` scores of the rejected responses.
         margin: ``(B,)`` per-pair margins, or None.
         center_coef: weight ``c`` of the centring term (0: off).
+        soft_label: ``(B,)`` probabilities ``p`` that the chosen response is preferred, or None (p = 1).
     """
     diff = chosen - rejected - (margin if margin is not None else 0.0)
-    loss = -F.logsigmoid(diff).mean()
+    if soft_label is None:
+        loss = -F.logsigmoid(diff).mean()
+    else:
+        loss = -(soft_label * F.logsigmoid(diff) + (1 - soft_label) * F.logsigmoid(-diff)).mean()
     if center_coef:
         loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
     return BradleyTerryTerms(loss, (chosen > rejected).float().mean().detach())
@@ -48,20 +54,22 @@ class RewardModel(Algorithm):
     model_head = "sequence_classification"
     data_kind = "preference"
 
-    def __init__(self, use_margin: bool = True, center_coef: float = 0.0):
+    def __init__(self, use_margin: bool = True, center_coef: float = 0.0, use_soft_labels: bool = True):
         """
         Args:
             use_margin: subtract the data's ``margin`` column inside the sigmoid (zeros when absent).
             center_coef: weight of the reward-centring term ``mean((r_c + r_r)²)`` (0: off).
+            use_soft_labels: train on the data's ``soft_label`` column when present (ones when absent).
         """
         super().__init__()
-        self.use_margin, self.center_coef = use_margin, center_coef
+        self.use_margin, self.center_coef, self.use_soft_labels = use_margin, center_coef, use_soft_labels
 
     @hookimpl
     def alignkit_loss(self, module, batch: PreferenceBatch) -> LossOutput:
         scores = sequence_scores(module.policy, batch.input_ids, batch.attention_mask)  # (2B,)
         chosen, rejected = scores[: batch.num_pairs], scores[batch.num_pairs:]
-        terms = bradley_terry_loss(chosen, rejected, batch.margin if self.use_margin else None, self.center_coef)
+        terms = bradley_terry_loss(chosen, rejected, batch.margin if self.use_margin else None, self.center_coef,
+                                   batch.soft_label if self.use_soft_labels else None)
         chosen, rejected = chosen.detach(), rejected.detach()
         return LossOutput(terms.loss, {
             "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),

@@ -255,9 +255,9 @@ def test_preference_rows_from_soft_labels():
               Judgement("p", "a2", "b2", "concise", 0.3, 0.5, 0.7),
               Judgement("p", "a3", "b3", "on_topic", 0.5, 0.0, 0.0)]
     assert preference_rows(judged) == [
-        {"prompt": "p", "chosen": "a1", "rejected": "b1", "p_chosen": 0.8, "principle": "positive",
+        {"prompt": "p", "chosen": "a1", "rejected": "b1", "soft_label": 0.8, "principle": "positive",
          "gold_chosen": 1.0, "gold_rejected": 0.0},
-        {"prompt": "p", "chosen": "b2", "rejected": "a2", "p_chosen": pytest.approx(0.7), "principle": "concise",
+        {"prompt": "p", "chosen": "b2", "rejected": "a2", "soft_label": pytest.approx(0.7), "principle": "concise",
          "gold_chosen": 0.7, "gold_rejected": 0.5},
     ]
 
@@ -301,7 +301,7 @@ def test_sl_and_rl_cai_with_the_rule_judge(tiny, cli, tmp_path):
     for j in judged:
         assert j["p_a"] == pytest.approx(RuleFeedback(temperature=1.0).compare(j["prompt"], j["a"], j["b"],
                                                                                rules.get(j["principle"])))
-    assert all(r["p_chosen"] > 0.5 for r in prefs)
+    assert all(r["soft_label"] > 0.5 for r in prefs)
 
     pairs = PreferenceData(path=str(feedback_dir / "preferences.jsonl"), val_fraction=0.0)
     pairs.attach(tokenizer)

@@ -87,7 +87,8 @@ def test_chat_messages_apply_the_chat_template(tmp_path, tiny_tokenizer):
     data = make(SFTData, tok, path=str(path))
     ((prompt_ids, response_ids),) = data.train_set
     assert prompt_ids == chat_ids(tok, chat[:1], generation_prompt=True)
-    assert prompt_ids + response_ids == chat_ids(tok, chat, generation_prompt=False)
+    full = chat_ids(tok, chat, generation_prompt=False)  # the template adds a newline after the EOS
+    assert prompt_ids + response_ids == full[: full.index(tok.eos_token_id) + 1]
     assert response_ids[-1] == tok.eos_token_id
     assert tok.decode(response_ids, skip_special_tokens=True).strip() == "the pizza was great"
 
@@ -215,7 +216,8 @@ def test_preference_conversational_with_prompt_list(tmp_path, tiny_tokenizer):
     assert record.prompt == [user]
     assert (record.chosen, record.rejected) == ("great pizza", "bland pizza")
     data = make(PreferenceData, tiny_tokenizer, path=str(path))
-    ((_, prompt_ids, chosen, rejected, _),) = data.train_set
+    (example,) = data.train_set
+    prompt_ids, chosen, rejected = example.prompt_ids, example.chosen_ids, example.rejected_ids
     assert prompt_ids == chat_ids(tiny_tokenizer, [user], generation_prompt=True)
     assert chosen[-1] == rejected[-1] == tiny_tokenizer.eos_token_id
 
@@ -285,7 +287,7 @@ def test_prompt_data_truncates_long_prompts_keeping_the_end(tmp_path, tiny_token
     full = ids(tok, prompt)
     limit = len(full) - 2
     data = make(PromptData, tok, path=str(path), max_prompt_length=limit, max_length=64)
-    assert data.train_set[0][2] == full[-limit:]
+    assert data.train_set[0].ids == full[-limit:]
     assert data.stats.truncated == 1 and data.stats.examples == 2
 
 
@@ -366,6 +368,7 @@ def test_preference_truncation_cuts_both_answers(tmp_path, tiny_tokenizer):
     rows = [{"prompt": LONG_PROMPT, "chosen": "the pizza was great and fresh", "rejected": "the pizza was cold"}]
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
     data = make(PreferenceData, tok, path=str(path), max_prompt_length=4, max_length=7)
-    ((_, prompt_ids, chosen, rejected, _),) = data.train_set
+    (example,) = data.train_set
+    prompt_ids, chosen, rejected = example.prompt_ids, example.chosen_ids, example.rejected_ids
     assert prompt_ids == ids(tok, LONG_PROMPT)[-4:]
     assert len(chosen) <= 3 and len(rejected) <= 3 and data.stats.truncated == 1

@@ -147,3 +147,17 @@ def test_reward_model_declares_its_head_and_data():
     assert RewardModel.model_head == "sequence_classification"
     assert RewardModel.data_kind == "preference"
     assert SFT.model_head == "causal_lm" and SFT.data_kind == "sft"
+
+
+def test_bradley_terry_with_soft_labels():
+    from alignkit_plugins.reward_model import bradley_terry_loss
+
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0])
+    # d = [0.5, 0]; p = [0.8, 0.5]
+    # pair 1: −0.8·log σ(0.5) − 0.2·log σ(−0.5) = 0.8·0.474077 + 0.2·0.974077 = 0.379262 + 0.194815 = 0.574077
+    # pair 2: −0.5·log σ(0) − 0.5·log σ(0) = log 2 = 0.693147;  mean = 0.633612
+    terms = bradley_terry_loss(chosen, rejected, soft_label=torch.tensor([0.8, 0.5]))
+    torch.testing.assert_close(terms.loss, torch.tensor(0.633612), atol=1e-5, rtol=0)
+    # p = 1 is the hard-label loss
+    hard = bradley_terry_loss(chosen, rejected)
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, soft_label=torch.ones(2)).loss, hard.loss)

@@ -5,7 +5,9 @@ SFT formats: ``prompt_response`` (``prompt``, ``response``), ``alpaca`` (``instr
 Preference formats: ``explicit`` (``prompt``, ``chosen``, ``rejected`` strings), ``implicit`` (HH-RLHF
 style: ``chosen`` and ``rejected`` full dialogues, the prompt being their shared prefix),
 ``conversational`` (``chosen``/``rejected`` lists of messages, with an optional ``prompt`` list).
-An optional ``margin`` column feeds the reward model's margin term.
+An optional ``margin`` column feeds the reward model's margin term, and an optional ``soft_label`` column
+(the probability that ``chosen`` is preferred, e.g. an AI judge's normalised option probability) makes the
+reward model train on soft targets.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class PreferenceRecord:
     chosen: str
     rejected: str
     margin: float = 0.0
+    soft_label: float = 1.0  # P(chosen ≻ rejected) as a training target; 1 for a hard label
 
 
 def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
@@ -153,6 +156,9 @@ def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source
     records = []
     for i, row in enumerate(rows):
         margin = float(row.get("margin") or 0.0)
+        soft_label = float(row["soft_label"]) if row.get("soft_label") is not None else 1.0
+        if not 0.0 <= soft_label <= 1.0:
+            raise DataError(f"{source} row {i}: soft_label {soft_label} is not a probability in [0, 1]")
         if fmt == "explicit":
             prompt = _text(row, "prompt", source, i)
             chosen, rejected = _text(row, "chosen", source, i), _text(row, "rejected", source, i)
@@ -179,5 +185,5 @@ def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source
             chosen, rejected = chat_c[0]["content"], chat_r[0]["content"]
             if not chosen.strip() or not rejected.strip():
                 raise DataError(f"{source} row {i}: empty chosen or rejected answer")
-        records.append(PreferenceRecord(prompt, chosen, rejected, margin))
+        records.append(PreferenceRecord(prompt, chosen, rejected, margin, soft_label))
     return records

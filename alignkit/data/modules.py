@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import random
+from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -41,10 +42,10 @@ def right_pad(rows: list[list[int]], pad: int, length: int | None = None) -> tup
 
 
 class ResumableSampler(DistributedSampler):
-    """The training order: with ``shuffle``, a permutation seeded by ``seed + epoch`` (Lightning sets the epoch
-    before each one), so the order never depends on what ran before; split over ``num_replicas`` data-parallel
-    ranks as :class:`DistributedSampler` does (one replica: every row, in that order). ``skip`` drops the first
-    indices of the next pass only: a resumed run continues an epoch after the rows it already trained on."""
+    """The training order: with ``shuffle``, a permutation seeded by ``seed + epoch``, so the order of an epoch
+    never depends on what ran before; split over ``num_replicas`` data-parallel ranks as
+    :class:`DistributedSampler` does (one replica: every row, in that order). ``skip`` drops the first indices
+    of the next pass only: a resumed run continues an epoch after the rows it already trained on."""
 
     skip: int = 0
 
@@ -55,31 +56,39 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A training loader that Lightning checkpoints and resumes mid-epoch.
+    """A training loader that resumes mid-epoch: ``state_dict()`` is the epoch of the current pass and the
+    batches yielded in it; after ``load_state_dict`` the next pass continues that epoch after those batches
+    (only their indices are drawn; nothing is loaded or collated), or starts the next epoch if it was complete.
+    ``len()`` stays the whole epoch, as Lightning expects. Needs a :class:`ResumableSampler`.
 
-    Lightning's fit loop stores ``state_dict()`` (the epoch and the batches this loader has yielded in it) in
-    every checkpoint and, when resuming, passes it back to ``load_state_dict`` before the interrupted epoch
-    continues. The next pass of that epoch then skips the batches already trained on: only their indices are
-    drawn, nothing is loaded or collated. ``len()`` stays the whole epoch, as Lightning expects. Needs a
-    :class:`ResumableSampler`.
+    The loader numbers its own passes: the first takes the epoch Lightning set on the sampler, each later one
+    the next number. (After resuming from a checkpoint written at an epoch's end, Lightning sets an epoch
+    one too high.)
     """
 
     _yielded = 0
+    _epoch: int | None = None  # of the current (or last) pass
     _resume: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._yielded}
+        return {"epoch": self.sampler.epoch if self._epoch is None else self._epoch, "batches": self._yielded}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: this runs at the first batch, after Lightning has set the sampler's epoch.
-        sampler, resume = self.sampler, self._resume
+        sampler, resume, skip = self.sampler, self._resume, 0
         self._resume = None
-        skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
+        if resume is not None:
+            finished = resume["batches"] >= len(self)
+            self._epoch = resume["epoch"] + 1 if finished else resume["epoch"]
+            skip = 0 if finished else resume["batches"]
+        else:
+            self._epoch = sampler.epoch if self._epoch is None else self._epoch + 1
+        sampler.set_epoch(self._epoch)
         sampler.skip = skip * self.batch_size
-        self.generator.manual_seed(sampler.seed + sampler.epoch)  # worker seeds, also on resume
+        self.generator.manual_seed(sampler.seed + self._epoch)  # worker seeds, also on resume
         self._yielded = skip
         for batch in super().__iter__():
             self._yielded += 1
@@ -281,6 +290,27 @@ def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad: int) -> S
     return SFTBatch(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions)
 
 
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One tokenised comparison; ``index`` is its row in the data set (before the hold-out split)."""
+
+    index: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float = 0.0
+    soft_label: float = 1.0
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One tokenised prompt and its text; ``index`` is its row in the data set."""
+
+    index: int
+    text: str
+    ids: list[int]
+
+
 class PreferenceData(AlignData):
     """Preference pairs (explicit, implicit/HH-RLHF or conversational rows) for reward models and DPO."""
 
@@ -294,7 +324,7 @@ class PreferenceData(AlignData):
         super().__init__(*args, **kwargs)
         self.format = format
 
-    def encode(self, rows: list[dict[str, Any]]) -> list[tuple[int, list[int], list[int], list[int], float]]:
+    def encode(self, rows: list[dict[str, Any]]) -> list[PreferenceExample]:
         examples = []
         for i, record in enumerate(preference_records(rows, self.format, self.source)):
             prompt_ids = encode_prompt(self.tokenizer, record.prompt, self.chat_template)
@@ -304,20 +334,23 @@ class PreferenceData(AlignData):
                          self.stats, f"{self.source} row {i}")
             if fitted is not None:
                 prompt_ids, (chosen, rejected) = fitted
-                examples.append((i, prompt_ids, chosen, rejected, record.margin))
+                examples.append(PreferenceExample(i, prompt_ids, chosen, rejected, record.margin, record.soft_label))
         return examples
 
-    def collate(self, examples: list[tuple[int, list[int], list[int], list[int], float]]) -> PreferenceBatch:
-        sequences = [p + c for _, p, c, _, _ in examples] + [p + r for _, p, _, r, _ in examples]
-        responses = [(len(p), len(c)) for _, p, c, _, _ in examples] + [(len(p), len(r)) for _, p, _, r, _ in examples]
+    def collate(self, examples: list[PreferenceExample]) -> PreferenceBatch:
+        answers = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]  # chosen rows, then rejected
+        prompts = [e.prompt_ids for e in examples] * 2
+        sequences = [p + a for p, a in zip(prompts, answers)]
+        responses = [(len(p), len(a)) for p, a in zip(prompts, answers)]
         ids, mask = right_pad(sequences, self.tokenizer.pad_token_id)
         loss_mask = torch.zeros_like(mask)
         for row, (start, length) in enumerate(responses):
             loss_mask[row, start: start + length] = 1
         return PreferenceBatch(
             input_ids=ids, attention_mask=mask, loss_mask=loss_mask,
-            margin=torch.tensor([m for *_, m in examples], dtype=torch.float32),
-            index=torch.tensor([i for i, *_ in examples], dtype=torch.long),
+            margin=torch.tensor([e.margin for e in examples], dtype=torch.float32),
+            index=torch.tensor([e.index for e in examples], dtype=torch.long),
+            soft_label=torch.tensor([e.soft_label for e in examples], dtype=torch.float32),
         )
 
 
@@ -338,7 +371,7 @@ class PromptData(AlignData):
     def task_rows(self) -> list[dict[str, Any]]:
         return [{self.column: p} for p in self.task.train_prompts()]
 
-    def encode(self, rows: list[dict[str, Any]]) -> list[tuple[int, str, list[int]]]:
+    def encode(self, rows: list[dict[str, Any]]) -> list[PromptExample]:
         if rows and self.column not in rows[0]:
             raise DataError(f"{self.source}: prompt column {self.column!r} missing; found {', '.join(sorted(rows[0]))}")
         examples = []
@@ -356,7 +389,7 @@ class PromptData(AlignData):
             else:
                 self.stats.examples += 1
             text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-            examples.append((i, text, ids))
+            examples.append(PromptExample(i, text, ids))
         return examples
 
     def hold_out(self, examples: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -365,7 +398,7 @@ class PromptData(AlignData):
         # A task has its own held-out prompts: validate on those, train on every train prompt.
         return examples, self.encode([{self.column: p} for p in self.task.eval_prompts()])
 
-    def collate(self, examples: list[tuple[int, str, list[int]]]) -> PromptBatch:
-        ids, mask = left_pad([e[2] for e in examples], self.tokenizer.pad_token_id)
-        return PromptBatch(input_ids=ids, attention_mask=mask, prompts=[e[1] for e in examples],
-                           index=torch.tensor([e[0] for e in examples], dtype=torch.long))
+    def collate(self, examples: list[PromptExample]) -> PromptBatch:
+        ids, mask = left_pad([e.ids for e in examples], self.tokenizer.pad_token_id)
+        return PromptBatch(input_ids=ids, attention_mask=mask, prompts=[e.text for e in examples],
+                           index=torch.tensor([e.index for e in examples], dtype=torch.long))

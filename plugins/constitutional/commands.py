@@ -8,7 +8,8 @@ options:
 - :func:`ai_feedback` (RL-CAI labels, ``cai-feedback``): the policy samples two responses per prompt; the
   feedback model gives P(a better) under a drawn principle. Writes ``judgements.jsonl`` (every soft label)
   and ``preferences.jsonl`` (prompt / chosen / rejected rows for ``alignkit.data.PreferenceData``: the
-  chosen response is the one with P > 0.5, ties are left out, the soft label is kept as ``p_chosen``).
+  chosen response is the one with P > 0.5, ties are left out, the probability is written as ``soft_label``,
+  which the reward-model stage trains on).
 - :func:`compliance` (``cai-compliance``): the fraction of each policy's responses to the evaluation
   prompts that follow each principle, by the judge, next to the task's gold reward.
 
@@ -77,7 +78,8 @@ def mean(values: list[float]) -> float:
 def preference_rows(judgements: list[Judgement]) -> list[dict]:
     """Hard preference rows from soft judgements: the chosen response is the one the judge gives more
     than 0.5; exact ties (0.5) carry no preference and are left out. Each row keeps the soft label as
-    ``p_chosen`` (>= 0.5), the principle and the gold rewards."""
+    ``soft_label`` (the judge's probability for the chosen side, >= 0.5; the reward model trains on it),
+    the principle and the gold rewards."""
     rows = []
     for j in judgements:
         if j.p_a == 0.5:
@@ -85,7 +87,8 @@ def preference_rows(judgements: list[Judgement]) -> list[dict]:
         a_wins = j.p_a > 0.5
         rows.append({
             "prompt": j.prompt, "chosen": j.a if a_wins else j.b, "rejected": j.b if a_wins else j.a,
-            "p_chosen": j.p_a if a_wins else 1.0 - j.p_a, "principle": j.principle,
+            "soft_label": j.p_a if a_wins else 1.0 - j.p_a,
+            "principle": j.principle,
             "gold_chosen": j.gold_a if a_wins else j.gold_b, "gold_rejected": j.gold_b if a_wins else j.gold_a,
         })
     return rows
@@ -241,7 +244,7 @@ def ai_feedback(policy: str, task: Task, feedback: Feedback, constitution: str =
     per pair, the probability that the first is better.
 
     Writes ``judgements.jsonl`` (prompt, a, b, principle, p_a, gold_a, gold_b), ``preferences.jsonl``
-    (prompt, chosen, rejected, p_chosen, principle, gold_chosen, gold_rejected; chosen = the response
+    (prompt, chosen, rejected, soft_label, principle, gold_chosen, gold_rejected; chosen = the response
     with P > 0.5, ties left out) and ``metrics.json`` (label counts, agreement of the AI labels with the
     gold reward, the judge's compliance rates of the sampled responses).
 
@@ -281,7 +284,7 @@ def ai_feedback(policy: str, task: Task, feedback: Feedback, constitution: str =
     summary = {
         "task": task.name, "policy": policy, "feedback": type(feedback).__name__, "constitution": rules.source,
         "pairs": len(judgements), "pairs/judge_ties": len(judgements) - len(rows), "preferences": len(rows),
-        "labels/mean_p_chosen": mean([r["p_chosen"] for r in rows]), "labels/agree_with_gold": agree,
+        "labels/mean_soft_label": mean([r["soft_label"] for r in rows]), "labels/agree_with_gold": agree,
         "labels/gold_ties": gold_ties, "gold/mean": mean(gold_a + gold_b),
         **principle_counts([j.principle for j in judgements], rules),
     }
