@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ except ImportError:  # numpy is optional: its generator is saved only when it is
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``.<name>.<random>.tmp`` next to the target, ``fsync``, then ``os.replace``.
+    """``torch.save`` into ``.<name>.<random>.tmp`` next to the target, ``fsync``, then ``os.replace``; the
+    temporary files of an earlier killed write are removed first.
 
     Remote paths (``scheme://...``) keep Lightning's own writer.
     """
@@ -36,15 +37,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run killed while writing
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:  # unlike mkstemp, the file gets the usual permissions (umask)
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         fsync_dir(target.parent)
 
@@ -63,20 +64,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
-    """Writes ``last.ckpt`` whenever the optimiser step count passes a multiple of ``every``.
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``checkpoints/last.ckpt`` (only that file) at the end of each epoch or, with ``every``, whenever
+    the optimiser step count passes a multiple of ``every`` (unlike ``every_n_train_steps``, which saves
+    only when the count *is* a multiple, this also fires for online algorithms, whose one training batch
+    makes several optimiser steps). A resumed run overwrites the file.
 
-    Unlike ``ModelCheckpoint(every_n_train_steps=...)``, which saves only when the step count *is* a
-    multiple, this also fires for online algorithms, whose one training batch makes several optimiser
-    steps. Only ``last.ckpt`` is kept (no per-step files), and a resumed run overwrites it.
+    Saves happen only at the end of a training batch, where Lightning resumes exactly: a save due at a batch
+    that Lightning validates after moves to the next batch (a run resumed from a checkpoint written between
+    a batch and its validation would skip that validation), and there are no saves at an epoch's end hooks
+    (Lightning resumes those with one extra batch, or with its logging step one too high). A save still
+    pending when training ends is made then.
     """
 
-    def __init__(self, dirpath: str | Path, every: int):
-        if every < 1:
+    def __init__(self, dirpath: str | Path, every: int | None = None):
+        if every is not None and every < 1:
             raise ValueError(f"--checkpoint_every must be >= 1, got {every}")
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every,
-                         enable_version_counter=False)
+        triggers = {"every_n_train_steps": every} if every else {"every_n_epochs": 1}
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False, **triggers)
         self.every = every
+        self.deferred = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -85,8 +92,47 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._should_skip_saving_checkpoint(trainer):
             return
-        if trainer.global_step // self.every > self._last_global_step_saved // self.every:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.every is None:
+            due = self.deferred or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        else:
+            due = trainer.global_step // self.every > self._last_global_step_saved // self.every
+        if not due:
+            return
+        if validation_follows(trainer) and not self.deferred:  # at most once: epochs of one batch still save
+            self.deferred = True
+            return
+        self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """No saves here (see the class docstring)."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """No saves here (see the class docstring)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.deferred or not self._last_checkpoint_saved:
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        self.deferred = False
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def validation_follows(trainer) -> bool:
+    """Whether Lightning validates right after the current training batch (the batch-count rules of its
+    training epoch loop; time-based validation intervals are not considered)."""
+    loop = trainer.fit_loop.epoch_loop
+    every_epochs = trainer.check_val_every_n_epoch
+    if not trainer.enable_validation or not sum(trainer.num_val_batches or [0]):
+        return False
+    if every_epochs is not None and (trainer.current_epoch + 1) % every_epochs:
+        return False
+    if trainer.should_stop or loop.batch_progress.is_last_batch:
+        return True
+    period = trainer.val_check_batch
+    if not isinstance(period, int):
+        return False
+    return ((loop.total_batch_idx if every_epochs is None else loop.batch_idx) + 1) % period == 0
 
 
 # ---------------------------------------------------------------------------------------------- RNG states

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from alignkit.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
+from alignkit.checkpoint import AtomicCheckpointIO, LastCheckpoint
 from alignkit.data.modules import AlignData
 from alignkit.module import AlignModule
 from alignkit.run import RunDirectory, check_fresh, default_run_dir, resume_checkpoint
@@ -84,11 +84,7 @@ class AlignCLI(LightningCLI):
             kwargs["logger"] = self.default_loggers(run_dir)
         kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), RunDirectory(run_dir, self.recipe)]
         if trainer_cfg.get("enable_checkpointing", True) is not False:
-            every = cfg.get("checkpoint_every")
-            # No version counter: a resumed run overwrites last.ckpt instead of writing last-v1.ckpt beside it.
-            kwargs["callbacks"].append(PeriodicCheckpoint(run_dir / "checkpoints", every) if every else
-                                       ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
-                                                       enable_version_counter=False))
+            kwargs["callbacks"].append(LastCheckpoint(run_dir / "checkpoints", cfg.get("checkpoint_every")))
         kwargs["plugins"] = self.checkpoint_plugins(trainer_cfg.get("plugins"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             kwargs["callbacks"].append(RichProgressBar(leave=True))

@@ -173,13 +173,14 @@ class AlignModule(L.LightningModule):
             self.log_stats(out.stats, prefix="val/", batch=batch, extra={"val/loss": out.loss.detach()}, on_epoch=True)
 
     def loss(self, batch, stage: str = "train") -> LossOutput | None:
+        """The algorithm's loss on ``batch``; None when it is not finite and ``skip_nonfinite`` skips the batch."""
         out = call_first(self.pm, "alignkit_loss", LossOutput, module=self, batch=batch)
         if not torch.isfinite(out.loss).all():
             return self.nonfinite(f"{stage} loss", out.loss)
         return out
 
     def nonfinite(self, quantity: str, value: Tensor) -> None:
-        """Stop the run (``NonFiniteError``) or, with ``skip_nonfinite``, report the skipped batch and return None."""
+        """Stop the run (``NonFiniteError``) or, with ``skip_nonfinite``, report the skipped batch (None)."""
         values = value.detach().float().flatten()
         bad = values[~torch.isfinite(values)]
         message = (f"step {self.global_step}: {quantity} is not finite ({bad.numel()} of {values.numel()} values, "
@@ -201,8 +202,10 @@ class AlignModule(L.LightningModule):
         finite = torch.stack([torch.isfinite(p.grad).all() for _, p in named])
         if bool(finite.all()):
             return
-        name, parameter = named[int((~finite).nonzero()[0])]
-        self.nonfinite(f"gradient of {name}", parameter.grad)
+        bad = (~finite).nonzero().flatten().tolist()
+        name, parameter = named[bad[0]]
+        others = f" (and {len(bad) - 1} more parameters)" if len(bad) > 1 else ""
+        self.nonfinite(f"gradient of {name}{others}", parameter.grad)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None

@@ -24,6 +24,7 @@ MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 COMPLETIONS_FILE = "completions.jsonl"
+CSV_FILE = "metrics.csv"
 
 
 class RunExistsError(FileExistsError):
@@ -65,6 +66,11 @@ def to_float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of a metrics dict, as floats."""
+    return {k: v for k, v in ((k, to_float(v)) for k, v in metrics.items()) if v is not None}
+
+
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
@@ -102,10 +108,11 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 class RunDirectory(L.Callback):
     """Exports the final model and writes ``metrics.json`` when fitting ends normally.
 
-    Its state (the first step's metrics and the wall time so far) travels in checkpoints. A run resumed from a
-    checkpoint at step K keeps the ``metrics.csv`` rows and ``completions.jsonl`` samples written up to K
-    (Lightning's CSV logger would otherwise delete the file) and drops those of the steps after K, which the
-    resumed run trains again.
+    Its state (the first step's metrics, the latest ones and the wall time so far) travels in checkpoints, so a
+    resumed run's ``metrics.json`` reads as if the run had never stopped. A run resumed from a checkpoint at
+    step K keeps the rows of ``metrics.csv`` (the CSV logger's file in the run directory) logged before K and
+    the ``completions.jsonl`` samples recorded up to K, and drops those of the later steps, which the resumed
+    run trains again (Lightning's CSV logger would otherwise start a new file).
     """
 
     def __init__(self, run_dir: str | Path, recipe: str | None = None):
@@ -113,42 +120,49 @@ class RunDirectory(L.Callback):
         self.started = 0.0
         self.earlier_wall_time = 0.0  # of the processes before a resume
         self.first: dict[str, float] = {}
+        self.earlier_latest: dict[str, float] = {}  # latest metrics at the checkpoint a run resumed from
         self.resumed_step: int | None = None
-        self.csv_history: dict[str, list[dict[str, str]]] = {}  # per CSV log folder: the rows kept on resume
+        self.trainer: L.Trainer | None = None
+        # Read before the trainer exists: Lightning's CSV logger deletes metrics.csv when it opens the folder.
+        self.csv_rows = read_csv_rows(self.run_dir / CSV_FILE)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"first": self.first, "wall_time_s": self.earlier_wall_time + time.perf_counter() - self.started}
+        latest = scalars(self.trainer.callback_metrics) if self.trainer is not None else {}
+        return {"first": self.first, "latest": latest,
+                "wall_time_s": self.earlier_wall_time + time.perf_counter() - self.started}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.first = dict(state_dict.get("first", {}))
+        self.earlier_latest = dict(state_dict.get("latest", {}))
         self.earlier_wall_time = float(state_dict.get("wall_time_s", 0.0))
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # Read now: the CSV logger deletes metrics.csv when it opens its folder.
         self.resumed_step = int(checkpoint["global_step"])
-        print("DEBUG", [(type(l), l.log_dir, (Path(l.log_dir) / "metrics.csv").is_file()) for l in trainer.loggers])
-        self.csv_history = {logger.log_dir: logged_before(Path(logger.log_dir) / "metrics.csv", self.resumed_step)
-                            for logger in trainer.loggers if isinstance(logger, CSVLogger)}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
         if self.resumed_step is None or not trainer.is_global_zero:
             return
+        kept = [row for row in self.csv_rows if row.get("step") and int(float(row["step"])) < self.resumed_step]
         for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger) and self.csv_history.get(logger.log_dir):
-                logger.experiment.metrics[:0] = self.csv_history[logger.log_dir]  # written with the next rows
+            if isinstance(logger, CSVLogger) and Path(logger.log_dir) == self.run_dir and kept:
+                logger.experiment.metrics[:0] = kept  # written out with the resumed run's first rows
         keep_completions(self.run_dir / COMPLETIONS_FILE, self.resumed_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.first:
-            self.first = {k: v for k, v in ((k, to_float(v)) for k, v in trainer.callback_metrics.items()) if v is not None}
+            self.first = scalars(trainer.callback_metrics)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
         if trainer.is_global_zero:
             atomic_save_model(pl_module, self.run_dir / MODEL_DIR)
-            final = {k: v for k, v in ((k, to_float(v)) for k, v in trainer.callback_metrics.items()) if v is not None}
+            # Metrics logged before a resume and not since (e.g. the last validation) count as in one run.
+            final = {**self.earlier_latest, **scalars(trainer.callback_metrics)}
             data = getattr(trainer, "datamodule", None)
             atomic_write_json(self.run_dir / METRICS_FILE, {
                 "recipe": self.recipe,
@@ -163,12 +177,12 @@ class RunDirectory(L.Callback):
         trainer.strategy.barrier("alignkit-export")
 
 
-def logged_before(path: Path, step: int) -> list[dict[str, str]]:
-    """The rows of a Lightning ``metrics.csv`` logged before optimiser step ``step``."""
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (none if it does not exist)."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("step") and int(float(row["step"])) < step]
+        return list(csv.DictReader(f))
 
 
 def keep_completions(path: Path, step: int) -> None:
