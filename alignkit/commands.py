@@ -61,7 +61,8 @@ def substitute(arg: str, outputs: dict[str, Path]) -> str:
 def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | None = None,
              only: list[str] | None = None, base_dir: str = ".") -> dict[str, Path]:
     """Run a list of stages, each reading the previous stages' outputs. Stages already finished in
-    ``run_dir`` (their ``metrics.json`` exists) are skipped, so a stopped pipeline resumes.
+    ``run_dir`` (their ``metrics.json`` exists) are skipped and a ``fit`` stage stopped part-way continues
+    from its last checkpoint, so a stopped pipeline resumes.
 
     Args:
         stages: the stages, in order.
@@ -93,7 +94,9 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
             recipe = Path(base_dir) / stage.recipe
             if not recipe.is_file():
                 raise FileNotFoundError(f"pipeline stage {stage.name!r}: recipe {recipe} does not exist")
-            fit(["--config", str(recipe), *args, *(set or []), "--run_dir", str(stage_dir)])
+            # a stage stopped part-way (a checkpoint but no summary yet) continues from its last checkpoint
+            resume = ["--resume", "true"] if (stage_dir / "checkpoints" / "last.ckpt").is_file() else []
+            fit(["--config", str(recipe), *args, *(set or []), "--run_dir", str(stage_dir), *resume])
         else:
             run(stage.command, [*args, "--run_dir", str(stage_dir)])
     return outputs
