@@ -112,8 +112,19 @@ class AlignCLI(LightningCLI):
 
 def fit(args: list[str]) -> Path:
     """Run ``alignkit fit`` in-process and return its run directory (used by the pipeline)."""
-    cli = AlignCLI(args=["fit", *args])
+    try:
+        cli = AlignCLI(args=["fit", *args])
+    finally:
+        finish_wandb_run()
     return Path(cli.config.fit.run_dir)
+
+
+def finish_wandb_run() -> None:
+    """End the process's active wandb run, if any: Lightning's WandbLogger leaves it open after a fit, and
+    a later in-process fit (the next pipeline stage) would silently log into it instead of its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -287,8 +287,14 @@ def two_rounds(tiny_sft, tmp_path_factory):
         calls.append([])
         iterate(rounds=1, **options)
         before = {p: p.read_bytes() for p in (run_dir / "round_1").rglob("*.json*") if p.is_file()}
+        import wandb
+
+        # a run left open in the process (as Lightning's WandbLogger leaves a fit's run) must not swallow
+        # the rounds' metrics: iterate finishes it before logging to its own run
+        wandb.init(project="alignkit", dir=str(run_dir.parent), mode="offline", id="left-open")
         calls.append([])
         iterate(rounds=2, **options)
+        assert wandb.run is None
     return run_dir, calls, before
 
 
@@ -339,11 +345,15 @@ def test_per_round_metrics_and_curves(two_rounds):
             (m["eval/proxy_reward"] - m["eval/sft_proxy_reward"]) - (m["eval/gold_reward"] - m["eval/sft_gold_reward"]))
         assert evaluation["settings"]["reference"] == "sft" and evaluation["settings"]["num_prompts"] == 6
     assert summaries[1]["labels/total"] == summaries[0]["labels/pairs"] + summaries[1]["labels/pairs"]
+    run_summary = json.loads((run_dir / "metrics.json").read_text())
+    assert run_summary["rounds"] == 2 and run_summary["per_round"] == summaries
+    assert run_summary["final"]["eval/gold_reward"] == summaries[1]["eval/gold_reward"]
     with (run_dir / "curves/metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert [float(r["eval/gold_reward"]) for r in rows] == [m["eval/gold_reward"] for m in summaries]
-    assert [float(r["eval/proxy_gold_gap"]) for r in rows] == pytest.approx([m["eval/proxy_gold_gap"] for m in summaries])
+    gaps = [m["eval/proxy_gold_gap"] for m in summaries]
+    assert [float(r["eval/proxy_gold_gap"]) for r in rows] == pytest.approx(gaps)
     wandb_id = json.loads((run_dir / "iterate.json").read_text())["wandb_id"]
     offline = sorted((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}"))
     assert len(offline) == 2  # one per invocation, the same run id: synced in order they form one run
@@ -356,6 +366,7 @@ def test_file_labeller_run_pauses_and_resumes_with_dpo(tiny_sft, tmp_path):
     with pytest.raises(LabelsPending, match="round_1/to_label.jsonl"):
         iterate(**options)
     assert RoundState.read(tmp_path / "run", 1, "dpo").pending == ("label", "dpo", "eval")
+    assert not (tmp_path / "run/metrics.json").exists()  # paused: as a pipeline stage it is not finished
     rows = read_jsonl(round_1 / TO_LABEL_FILE)
     assert rows and all(r["choice"] == "" for r in rows)
     choices = ["a" if TASK.gold_reward(r["prompt"], r["a"]) >= TASK.gold_reward(r["prompt"], r["b"]) else "b"

@@ -21,7 +21,9 @@ then ``metrics.json`` (the round's summary) marks the round finished. Which roun
 is read from these files (:class:`RoundState`), never stored separately: running the same command again
 resumes at the first unfinished step, and a larger ``rounds`` continues a finished run. The per-round
 summaries are logged, step = round, to ``<run_dir>/curves/metrics.csv`` and to one offline wandb run in
-the run's wandb group (the rounds' training runs join the same group).
+the run's wandb group (the rounds' training runs join the same group). Once every requested round is
+finished, ``<run_dir>/metrics.json`` collects their summaries (so a pipeline stage running ``iterate``
+counts as finished, as any other stage).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.cli import fit
+from alignkit.cli import finish_wandb_run, fit
 from alignkit.collect import label_summary, sample_pairs, write_jsonl
 from alignkit.evaluation import evaluate
 from alignkit.models.loading import ModelConfig, load_model
@@ -338,7 +340,7 @@ def run_fit(plan: Plan, index: int, step: str) -> None:
     if stage.exists():
         print(f"[iterate] round {index}: removing the unfinished {step} attempt in {stage}")
         shutil.rmtree(stage)
-    fit(fit_step_args(plan, index, step))
+    fit(fit_step_args(plan, index, step))  # alignkit.cli.fit closes its wandb run, even on failure
 
 
 def run_eval(plan: Plan, index: int) -> None:
@@ -405,6 +407,7 @@ class Curves:
             if self.wandb is None:
                 from lightning.pytorch.loggers import WandbLogger
 
+                finish_wandb_run()  # a run left open would receive these metrics instead
                 os.environ.setdefault("WANDB_SILENT", "true")
                 self.wandb = WandbLogger(project="alignkit", save_dir=str(self.run_dir), offline=True,
                                          group=self.group, name=f"{self.group}/rounds", job_type="iterate",
@@ -481,7 +484,8 @@ def iterate(sft: str, task: Task, labeller: Labeller, rounds: int = 3, prompts_p
     root = Path(run_dir) if run_dir else default_run_dir("iterate")
     group = experiment or root.name
     settings = check_settings(root, {
-        "sft": str(Path(sft_dir).resolve()), "task": f"{type(task).__module__}.{type(task).__qualname__}(seed={task.seed})",
+        "sft": str(Path(sft_dir).resolve()),
+        "task": f"{type(task).__module__}.{type(task).__qualname__}(seed={task.seed})",
         "labeller": f"{type(labeller).__module__}.{type(labeller).__qualname__}", "method": method,
         "rm_init": rm_init, "kl_anchor": kl_anchor, "dpo_data": dpo_data, "prompts_per_round": prompts_per_round,
         "seed": seed, "rounds": rounds, "recipes": recipes, "fit_args": list(fit_args or []),
@@ -510,6 +514,8 @@ def iterate(sft: str, task: Task, labeller: Labeller, rounds: int = 3, prompts_p
             curves.log(summaries[-1])
     finally:
         curves.close()
+    atomic_write_json(root / METRICS_FILE, {"rounds": len(summaries), "final": scalars(summaries[-1]),
+                                            "per_round": summaries, "settings": settings})
     print(format_table(summaries))
     print(f"[iterate] {len(summaries)} round(s) in {root} (per-round curves: {root / CURVES_DIR / 'metrics.csv'})")
     return root
