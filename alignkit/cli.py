@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,14 @@ class AlignCLI(LightningCLI):
     """LightningCLI with alignkit's run directory, default loggers and export callback."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
-        super().__init__(
-            AlignModule, AlignData, subclass_mode_data=True, seed_everything_default=0, args=args, run=run,
-            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-            trainer_defaults={"deterministic": True}, parser_kwargs={"exit_on_error": False},
-        )
+        with warnings.catch_warnings():
+            # in-process calls (pipeline stages, tests) pass `args` on purpose while sys.argv holds the parent's
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().__init__(
+                AlignModule, AlignData, subclass_mode_data=True, seed_everything_default=0, args=args, run=run,
+                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                trainer_defaults={"deterministic": True}, parser_kwargs={"exit_on_error": False},
+            )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
