@@ -72,6 +72,9 @@ class ModelSize:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 256
+    vocab_size: int | None = None
+    """Pad the vocabulary (embedding and LM head) to this many ids, like the 32k-150k vocabularies of real
+    models (the tiny tokenizer has ~430 tokens; padded ids never occur in the data). None: no padding."""
 
 
 @dataclass
@@ -94,14 +97,15 @@ class Workload:
 #: Default sizes: the tiny default model up to ~25M parameters on CPU; larger ones on GPU.
 CPU_SIZES = [
     ModelSize("tiny", 64, 4, 4, 256),
-    ModelSize("1.6M", 160, 4, 4, 640),
-    ModelSize("6M", 256, 6, 4, 1024),
+    ModelSize("5M", 256, 6, 4, 768),
     ModelSize("25M", 512, 6, 8, 2048),
+    ModelSize("25M-v32k", 384, 4, 6, 1536, vocab_size=32000),
 ]
 GPU_SIZES = [
     ModelSize("25M", 512, 6, 8, 2048),
-    ModelSize("85M", 768, 12, 12, 3072),
-    ModelSize("300M", 1024, 24, 16, 4096),
+    ModelSize("25M-v32k", 384, 4, 6, 1536, vocab_size=32000),
+    ModelSize("120M-v32k", 768, 12, 12, 3072, vocab_size=32000),
+    ModelSize("350M-v32k", 1024, 24, 16, 4096, vocab_size=32000),
 ]
 SMOKE_SIZES = [ModelSize("smoke", 32, 2, 2, 64)]
 
@@ -153,14 +157,16 @@ def model_shape(model) -> ModelShape:
     return ModelShape(params, matmul, config.num_hidden_layers, config.hidden_size, config.vocab_size)
 
 
-def time_matmul(m: int, k: int, n: int, device: str, dtype: str, budget_s: float = 0.3) -> float:
-    """Best FLOP/s of ``(m × k) @ (k × n)`` over repeated trials of about ``budget_s`` in total."""
+def time_matmul(m: int, k: int, n: int, device: str, dtype: str, budget_s: float = 0.3) -> tuple[float, float]:
+    """Best FLOP/s of ``(m × k) @ (k × n)`` over repeated trials of about ``budget_s`` in total, on the wall
+    clock and on the process CPU clock (on GPU the two are the same wall-clock figure)."""
     import torch
 
     dt = getattr(torch, dtype)
     a = torch.randn(m, k, device=device, dtype=dt)
     b = torch.randn(k, n, device=device, dtype=dt)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
         a @ b
     sync()
@@ -169,23 +175,26 @@ def time_matmul(m: int, k: int, n: int, device: str, dtype: str, budget_s: float
     sync()
     once = max(time.perf_counter() - start, 1e-7)
     inner = max(1, int(0.02 / once))
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     deadline = time.perf_counter() + budget_s
     trials = 0
     while trials < 3 or (time.perf_counter() < deadline and trials < 200):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(inner):
             a @ b
         sync()
-        best = min(best, (time.perf_counter() - start) / inner)
+        best_wall = min(best_wall, (time.perf_counter() - wall) / inner)
+        best_cpu = min(best_cpu, max(time.process_time() - cpu, 1e-9) / inner)
         trials += 1
-    return 2.0 * m * k * n / best
+    flops = 2.0 * m * k * n
+    return flops / best_wall, flops / (best_wall if cuda else best_cpu)
 
 
 def peak_roofline(device: str, dtype: str, budget_s: float = 1.0, side: int | None = None) -> dict[str, Any]:
     """The device's practical peak: a large square matmul."""
     side = side or (4096 if device.startswith("cuda") else 1024)
-    return {"shape": [side, side, side], "flops_per_s": time_matmul(side, side, side, device, dtype, budget_s)}
+    wall, cpu = time_matmul(side, side, side, device, dtype, budget_s)
+    return {"shape": [side, side, side], "flops_per_s": wall, "flops_per_s_cpu": cpu}
 
 
 # ============================================================================================ assets
@@ -230,6 +239,10 @@ def prepare_assets(root: Path, size: ModelSize, workload: Workload, seed: int = 
                            max_position_embeddings=max(256, workload.max_length + workload.max_new_tokens),
                            seed=seed)
     policy, tokenizer = build_tiny_model(tiny)
+    if size.vocab_size and size.vocab_size > policy.config.vocab_size:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            policy.resize_token_embeddings(size.vocab_size, mean_resizing=False)
     paths = {"policy": str(root / "policy"), "rm": str(root / "rm"), "preferences": str(root / "preferences.jsonl"),
              "prompts": str(root / "prompts.jsonl"), "demonstrations": str(root / "demonstrations.jsonl")}
     policy.save_pretrained(paths["policy"])
@@ -492,8 +505,8 @@ def finish_result(spec: dict[str, Any], result: dict[str, Any], shape: ModelShap
     result["pad_fraction"] = 1.0 - real / padded if padded else 0.0
     m = int(max(padded, 1))
     inner = _intermediate(spec)
-    result["roofline_flops_per_s"] = time_matmul(m, shape.hidden, inner, spec["device"], spec["dtype"],
-                                                 budget_s=0.05 if spec.get("smoke") else 0.3)
+    result["roofline_flops_per_s"], result["roofline_flops_per_s_cpu"] = time_matmul(
+        m, shape.hidden, inner, spec["device"], spec["dtype"], budget_s=0.05 if spec.get("smoke") else 0.3)
     result["roofline_shape"] = [m, shape.hidden, inner]
     rate = lambda amount, seconds: amount / seconds if seconds > 0 else 0.0  # noqa: E731
     for clock, suffix in (("time", ""), ("cpu", "_cpu")):
@@ -508,7 +521,7 @@ def finish_result(spec: dict[str, Any], result: dict[str, Any], shape: ModelShap
             result[f"iteration_tokens_per_s{suffix}"] = rate(med.get("tokens/generated", 0.0), step_time)
         else:
             result[f"train_tokens_per_s{suffix}"] = rate(real, step_time)
-        result[f"mfu{suffix}"] = result[f"flops_per_s{suffix}"] / result["roofline_flops_per_s"]
+        result[f"mfu{suffix}"] = result[f"flops_per_s{suffix}"] / result[f"roofline_flops_per_s{suffix}"]
     if algorithm == "ppo":
         result["generated_tokens_per_step"] = med.get("tokens/generated", 0.0)
     if not spec.get("keep_steps"):
@@ -742,7 +755,8 @@ def bench(
                 for framework, results in runs.items():
                     if results:
                         report["results"].append(aggregate(size, algorithm, framework, results,
-                                                           report["roofline_peak"]["flops_per_s"]))
+                                                           report["roofline_peak"]["flops_per_s"],
+                                                           report["roofline_peak"]["flops_per_s_cpu"]))
     finally:
         import shutil
 
@@ -767,12 +781,13 @@ def _progress(size: ModelSize, algorithm: str, framework: str, repeat: int, resu
 METRICS = tuple(f"{name}{suffix}" for name in ("time_per_step_s", "train_tokens_per_s", "gen_tokens_per_s",
                                                 "iteration_tokens_per_s", "flops_per_s", "mfu")
                 for suffix in ("", "_cpu")) + (
-    "peak_mem_mb", "peak_rss_mb", "flops_per_step", "roofline_flops_per_s", "pad_fraction", "generated_tokens_per_step",
+    "peak_mem_mb", "peak_rss_mb", "flops_per_step", "roofline_flops_per_s", "roofline_flops_per_s_cpu", "pad_fraction",
+    "generated_tokens_per_step",
     "params")
 
 
 def aggregate(size: ModelSize, algorithm: str, framework: str, results: list[dict[str, Any]],
-              peak_flops: float) -> dict[str, Any]:
+              peak_flops: float, peak_flops_cpu: float | None = None) -> dict[str, Any]:
     """Medians over repeats of every metric (and the per-repeat values)."""
     ok = [r for r in results if "error" not in r]
     row: dict[str, Any] = {"size": size.name, "algorithm": algorithm, "framework": framework, "repeats": len(ok)}
@@ -785,7 +800,8 @@ def aggregate(size: ModelSize, algorithm: str, framework: str, results: list[dic
             row[key] = statistics.median(values)
             row[f"{key}/all"] = values
     row["mfu_peak"] = row.get("flops_per_s", 0.0) / peak_flops if peak_flops else 0.0
-    row["mfu_peak_cpu"] = row.get("flops_per_s_cpu", 0.0) / peak_flops if peak_flops else 0.0
+    peak_flops_cpu = peak_flops_cpu or peak_flops
+    row["mfu_peak_cpu"] = row.get("flops_per_s_cpu", 0.0) / peak_flops_cpu if peak_flops_cpu else 0.0
     for clock, name in (("time/", "phases_s"), ("cpu/", "phases_cpu_s")):
         phases = sorted({k for r in ok for k in r.get("median", {}) if k.startswith(clock)})
         row[name] = {k.removeprefix(clock): statistics.median(r["median"].get(k, 0.0) for r in ok) for k in phases}
@@ -839,7 +855,8 @@ def print_table(report: dict[str, Any]) -> None:
     """The results as a table: each time-based figure on the wall clock and on the CPU clock (``wall|cpu``)."""
     peak = report["roofline_peak"]["flops_per_s"]
     print(f"\n[bench] device {report['meta']['device']} ({report['meta']['dtype']}), "
-          f"{report['meta']['threads']} threads; peak matmul {peak / 1e9:.1f} GFLOP/s; medians of "
+          f"{report['meta']['threads']} threads; peak matmul {peak / 1e9:.1f}|"
+          f"{report['roofline_peak']['flops_per_s_cpu'] / 1e9:.1f} GFLOP/s; medians of "
           f"{report['config']['repeats']} repeats; figures as wall|cpu clock")
     header = (f"{'size':<6} {'stage':<4} {'framework':<16} {'params':>6} {'ms/step':>13} {'train tok/s':>13} "
               f"{'gen tok/s':>11} {'pad%':>5} {'peak MB':>7} {'MFU %':>11} {'MFUpk %':>11}")
