@@ -11,6 +11,7 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from alignkit.bench import bench
 from alignkit.collect import collect
 from alignkit.compare import compare
 from alignkit.data.formats import DataError
@@ -102,7 +103,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
     return outputs
 
 
-COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate, "compare": compare}
+COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate, "compare": compare, "bench": bench}
 COMMAND_GROUP = "alignkit.commands"
 
 
