@@ -4,8 +4,10 @@ For every model size and algorithm one *measurement* trains a few steps through 
 :class:`~alignkit.module.AlignModule` under a Lightning ``Trainer``, the plugins, the data modules) and
 records
 
-- wall time per step (an online step is one rollout → score → experience → update iteration), with the
-  phases of an online step (generation, rollout log-prob recomputation, scoring, experience, update);
+- time per step (an online step is one rollout → score → experience → update iteration), with the
+  phases of an online step (generation, rollout log-prob recomputation, scoring, experience, update), on
+  the wall clock and on the process CPU clock (with one thread on a shared CPU the CPU clock counts this
+  process's own work only; keys ending in ``_cpu``);
 - training tokens/s (real, non-pad tokens through forward + backward) and, online, generation tokens/s;
 - the fraction of pad tokens in the batches (padding waste);
 - peak memory: on CPU the growth of the process's maximum resident set size (``getrusage``) above the
@@ -30,9 +32,11 @@ implementation executes (e.g. recomputing the rollout's log-probs) lowers its MF
 
 MFU = model FLOPs per second / roofline, where the roofline is the best FLOP/s of a dense
 ``(tokens × H) @ (H × I)`` matmul of the same size as the step's largest product (``mfu``), and of a large
-square matmul (``mfu_peak``, the device's practical peak), both timed with torch in the same run.
+square matmul (``mfu_peak``, the device's practical peak), both timed with torch in the same run and on
+both clocks. Method, results and the optimisations measured with it: ``benchmarks/README.md``.
 
-``--compare trl`` adds TRL's ``DPOTrainer``, ``RewardTrainer`` and ``RLOOTrainer`` on the same saved model,
+``--compare='[trl]'`` adds TRL's ``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer`` and ``RLOOTrainer`` (for PPO) on
+the same saved model,
 the same data and the same batch and sequence lengths (``benchmarks/trl_compare.py``; skipped with a
 message when ``trl`` is not installed); ``--patches`` measures prototypes of proposed optimisations
 (``benchmarks/patches.py``) side by side with the unpatched code. Repeats are interleaved (ours, theirs,
@@ -42,7 +46,6 @@ ours, ...) and medians are reported.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import json
 import os
@@ -53,13 +56,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 Algo = Literal["sft", "rm", "dpo", "ppo"]
-Framework = Literal["alignkit", "alignkit+patches", "trl"]
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -575,10 +577,12 @@ def resolve_runner(framework: str) -> Callable[[dict[str, Any]], dict[str, Any]]
     raise ValueError(f"unknown framework {framework!r}")
 
 
-def _child_env(threads: int | None = None) -> dict[str, str]:
+def _child_env(threads: int | None = None, mmap_threshold: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if mmap_threshold:  # glibc: blocks above this are mmap'ed and returned to the OS when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     env.update({"WANDB_MODE": "disabled", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
                 "PYTHONWARNINGS": "ignore", "DISABLE_MLFLOW_INTEGRATION": "TRUE", "TQDM_DISABLE": "1",
@@ -595,7 +599,7 @@ def measure(spec: dict[str, Any], isolate: bool) -> dict[str, Any]:
         spec_path.write_text(json.dumps(spec))
         command = [sys.executable, "-c", "import sys, alignkit.bench as b; b.child_main(sys.argv[1], sys.argv[2])",
                    str(spec_path), str(out_path)]
-        proc = subprocess.run(command, env=_child_env(spec.get("threads")), capture_output=True, text=True)
+        proc = subprocess.run(command, env=_child_env(spec.get("threads"), spec.get("mmap_threshold")), capture_output=True, text=True)
         if proc.returncode != 0 or not out_path.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
             return {"error": f"measurement failed (exit {proc.returncode}):\n{tail}"}
@@ -672,6 +676,7 @@ def bench(
     smoke: bool = False,
     output: str | None = None,
     deterministic: bool = True,
+    exact_memory: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Benchmark the SFT, reward-model, DPO and PPO stages: tokens/s, generation tokens/s, time per step,
@@ -696,6 +701,10 @@ def bench(
         smoke: tiny sizes, 2 steps, 1 repeat, in-process: a quick check that everything runs.
         output: JSON file to write (default: runs/bench/bench-<timestamp>.json).
         deterministic: run alignkit's trainer with ``deterministic=True``, the default of ``alignkit fit``.
+        exact_memory: CPU peak memory that follows the live tensors: every measurement process runs with
+            glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so freed blocks leave the RSS at once instead of staying
+            cached (the default allocator's caching moves the RSS high-water mark by ±50 MB between otherwise
+            equal runs). It slows large allocations: compare memory, not times, from such a run.
         seed: seed of the models, data and sampling.
     """
     import torch
@@ -731,7 +740,7 @@ def bench(
     report: dict[str, Any] = {"meta": environment(device, dtype, threads), "config": {
         "algorithms": algorithms, "sizes": [asdict(s) for s in sizes], "workload": asdict(workload), "steps": steps,
         "warmup": warmup, "repeats": repeats, "frameworks": frameworks, "patches": patch_names, "isolate": isolate,
-        "deterministic": deterministic},
+        "deterministic": deterministic, "exact_memory": exact_memory},
         "messages": messages, "results": []}
     report["roofline_peak"] = peak_roofline(device, dtype, budget_s=0.05 if smoke else 1.0, side=256 if smoke else None)
     root = Path(tempfile.mkdtemp(prefix="alignkit-bench-assets-"))
@@ -746,6 +755,7 @@ def bench(
                                 "workload": asdict(workload), "paths": paths, "steps": steps, "warmup": warmup,
                                 "device": device, "dtype": dtype, "threads": threads, "seed": seed + repeat,
                                 "deterministic": deterministic, "smoke": smoke,
+                                "mmap_threshold": 65536 if exact_memory else None,
                                 "patches": patch_names if framework == "alignkit+patches" else []}
                         started = time.perf_counter()
                         result = measure(spec, isolate)

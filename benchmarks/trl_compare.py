@@ -28,6 +28,7 @@ Run standalone (the same as ``alignkit bench --compare '[trl]'``)::
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -51,8 +52,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                               TrainerCallback, set_seed)
 
     import trl
-    from alignkit.bench import (ModelSize, StepRecorder, Workload, current_rss, finish_result, model_shape,
-                                peak_rss)
+    from alignkit.bench import StepRecorder, Workload, current_rss, finish_result, model_shape, peak_rss
 
     algorithm, work, paths = spec["algorithm"], Workload(**spec["workload"]), spec["paths"]
     device = spec["device"]
@@ -115,7 +115,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             recorder.end_step()
 
     trainer.add_callback(Timer())
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if device.startswith("cuda"):
         peak = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, "memory_kind": "cuda max_memory_allocated"}
     else:
