@@ -41,6 +41,9 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Decay after warm-up, over the trainer's total optimiser steps."""
+    fused: bool | None = None
+    """PyTorch's fused AdamW kernel (one kernel instead of ~10 ops per parameter); ``None``: fused when every
+    trained parameter is on CPU or CUDA."""
 
 
 @dataclass
@@ -92,6 +95,7 @@ class AlignModule(L.LightningModule):
         self.reward_combination, self.skip_nonfinite = reward_combination, skip_nonfinite
         self.completions_per_step = completions_per_step
         self.completion_rows: list[list[Any]] = []
+        self._logged_a_step = False  # by this process: see `should_log`
         self.policy, self.tokenizer = load_model(policy, algorithm.model_head)
         self.policy.train()  # `from_pretrained` returns eval mode; the trained model must run in train mode
         self.reference = self._build_reference(reference) if algorithm.needs_reference else None
@@ -149,10 +153,18 @@ class AlignModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optimizer_config
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+        fused = cfg.fused if cfg.fused is not None else all(p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
+                                      fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning zeroes gradients inside the next step's closure, after its forward: free them now, so one
+        # copy of every trained weight is not held through data loading and the whole next forward.
+        optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx: int):
@@ -161,8 +173,9 @@ class AlignModule(L.LightningModule):
         out = self.loss(batch)
         if out is None:
             return None
-        self.log_stats(out.stats, prefix="", batch=batch, extra={"train/loss": out.loss.detach()})
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
+        if self.should_log(stepped=False):
+            self.log_stats(out.stats, prefix="", batch=batch, extra={"train/loss": out.loss.detach()})
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
         return out.loss
 
     def validation_step(self, batch, batch_idx: int):
@@ -199,6 +212,10 @@ class AlignModule(L.LightningModule):
         named = [(n, p) for n, p in self.named_parameters() if p.grad is not None]
         if not named:
             return
+        # One fused pass: a NaN/inf gradient has a NaN/inf norm. (A huge finite norm that overflows falls
+        # through to the exact per-parameter check below, which also names the culprit.)
+        if bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for _, p in named])).all()):
+            return
         finite = torch.stack([torch.isfinite(p.grad).all() for _, p in named])
         if bool(finite.all()):
             return
@@ -223,12 +240,12 @@ class AlignModule(L.LightningModule):
         experience = call_first(self.pm, "alignkit_experience", object, module=self, rollout=rollout, scores=scores)
         update_stats = self.update(experience)
         call_each(self.pm, "alignkit_after_update", object, module=self, experience=experience, stats=update_stats)
-        metrics = {**reward_stats, **update_stats}
-        for extra in call_each(self.pm, "alignkit_metrics", dict, module=self, rollout=rollout, experience=experience):
-            metrics.update(extra)
-        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout.prompts),
-                      sync_dist=self.world_size > 1)
+        if self.should_log(stepped=True):
+            metrics = {**reward_stats, **update_stats}
+            for extra in call_each(self.pm, "alignkit_metrics", dict, module=self, rollout=rollout, experience=experience):
+                metrics.update(extra)
+            metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+            self.log_dict(metrics, on_step=True, batch_size=len(rollout.prompts), sync_dist=self.world_size > 1)
         self.record_completions(rollout, scores)
         self.lr_schedulers().step()
 
@@ -259,7 +276,6 @@ class AlignModule(L.LightningModule):
             epoch_kl, epoch_n = 0.0, 0
             minibatches = call_first(self.pm, "alignkit_minibatches", Iterable, module=self, experience=experience)
             for micro_batches in minibatches:
-                optimizer.zero_grad()
                 for micro in micro_batches:
                     out = self.loss(micro)
                     if out is None:
@@ -273,6 +289,7 @@ class AlignModule(L.LightningModule):
                 if algorithm.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=algorithm.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # not held through the next rollout and experience
             if algorithm.target_approx_kl is not None and epoch_n and epoch_kl / epoch_n > algorithm.target_approx_kl:
                 break  # early stop: the policy moved too far from the sampling policy
         return {key: total / max(count, 1) for key, total in totals.items()}
@@ -318,10 +335,25 @@ class AlignModule(L.LightningModule):
         return self.all_gather(tensor) if self.world_size > 1 else tensor.unsqueeze(0)
 
     # ------------------------------------------------------------------------------------------ logging
+    def should_log(self, stepped: bool) -> bool:
+        """Whether this training step's metrics reach the loggers. Lightning writes ``on_step`` metrics every
+        ``trainer.log_every_n_steps`` batches, but every ``self.log`` pays its bookkeeping on every step, so
+        the other steps skip logging (and building the metrics). The first and the last step always log, so
+        ``metrics.json``'s ``first``/``final`` are exact. ``stepped``: the optimiser already stepped for this
+        batch (online steps log after their update)."""
+        trainer = self._trainer
+        if trainer is None or not self._logged_a_step or trainer._logger_connector.should_update_logs:
+            self._logged_a_step = True
+            return True
+        if 0 < trainer.max_steps <= trainer.global_step + (0 if stepped else 1):
+            return True
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
+        return trainer.is_last_batch and trainer.current_epoch + 1 >= max_epochs
+
     def log_stats(self, stats: dict[str, Any], prefix: str, batch: Any, extra: dict[str, Any], on_epoch: bool = False):
         size = getattr(batch, "num_pairs", None) or len(getattr(batch, "input_ids", [0]))
         values = {**extra, **{prefix + k: v for k, v in stats.items()}}
-        self.log_dict({k: float(v) for k, v in values.items()}, on_step=not on_epoch, on_epoch=on_epoch,
+        self.log_dict(values, on_step=not on_epoch, on_epoch=on_epoch,
                       batch_size=size, prog_bar=False, sync_dist=on_epoch or self.world_size > 1)
 
     # ------------------------------------------------------------------------------------------ checkpoints

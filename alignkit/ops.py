@@ -77,3 +77,24 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def first_target_column(mask: Tensor) -> int:
+    """The earliest column (at least 1) at which any row of ``mask`` ``(B, T)`` holds a target token.
+
+    A causal LM needs logits only from column ``first - 1`` on to predict the targets, so callers pass
+    ``logits_to_keep = T - first + 1`` and skip the LM head (``H × V`` per position), the log-softmax and their
+    backward over the prompt columns that every row shares. 1 when nothing is masked in.
+    """
+    rows = mask.bool().any(-1)
+    if not bool(rows.any()):
+        return 1
+    return max(int(mask.bool().float().argmax(-1)[rows].min()), 1)
+
+
+def accepts_argument(model: torch.nn.Module, argument: str) -> bool:
+    """Whether ``model.forward`` (of the base model, for a peft wrapper) takes ``argument`` by name."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters

@@ -1,5 +1,6 @@
-"""The shared rollout engine: batched sampling of completions with a KV cache, stop handling, and the
-recomputation of the sampled tokens' log-probabilities exactly as the training forward computes them.
+"""The shared rollout engine: batched sampling of completions with a KV cache, stop handling, the sampled
+tokens' log-probabilities taken from the decoding logits, and :func:`response_logprobs`, which computes the
+same log-probabilities with one (differentiable) forward pass, as the training forward does.
 
 Shapes: ``B`` batch, ``P`` prompt length, ``R`` response length, ``T = P + R``, ``V`` vocabulary size.
 Prompts are left padded so that every response starts at column ``P``.
@@ -12,6 +13,8 @@ and in :func:`response_logprobs`, so left padding never shifts a prompt's positi
 Sampling is a small loop over the model's KV cache rather than ``model.generate``: ``generate`` draws
 with ``torch.multinomial`` on the global RNG and takes no ``torch.Generator``, while this loop threads
 an explicit generator through every draw, so a rollout is reproducible without touching global state.
+Each draw is an inverse-CDF lookup (:func:`sample_categorical`, one uniform number per row) rather than
+``torch.multinomial``, which draws one random number per vocabulary entry.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class SamplingConfig:
     max_new_tokens: int = 32
     """Maximum number of response tokens per prompt."""
     temperature: float = 1.0
-    """Logits are divided by this before sampling; the recomputed log-probs use the same scaling."""
+    """Logits are divided by this before sampling; ``Rollout.logprobs`` use the same scaling."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
     top_k: int = 0
@@ -103,6 +106,23 @@ def response_logprobs(model: torch.nn.Module, sequences: Tensor, attention_mask:
     return logprobs * attention_mask[:, prompt_length:].to(logprobs.dtype)
 
 
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row from ``probs (B, V)`` (non-negative, any positive row sum) -> ``(B,)`` int64.
+
+    Inverse CDF: with ``c = cumsum(probs)`` (float64) and one uniform ``u ~ U[0, c_V)`` per row, the draw
+    is the first ``i`` with ``c_i > u``, so ``P(i) = (c_i - c_{i-1}) / c_V = p_i / sum(p)``; an id with
+    ``p_i = 0`` has ``c_i = c_{i-1}`` and is never drawn. ``u`` comes from ``generator`` (the global RNG
+    when ``None``): one random number per row, where ``torch.multinomial`` draws one per entry.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    if not bool((total.isfinite() & (total > 0)).all()):
+        raise ValueError("probabilities must be finite with a positive sum in every row")
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # rounding may give u = total
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 def _sample_next(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> Tensor:
     """Next token per row from the last-position logits ``(B, V)`` -> ``(B,)``."""
     if not config.do_sample:
@@ -118,7 +138,7 @@ def _sample_next(logits: Tensor, config: SamplingConfig, generator: torch.Genera
         drop = (probs.cumsum(-1) - probs) >= config.top_p
         drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return sample_categorical(logits.softmax(-1), generator)
 
 
 def _contains_stop(tokenizer, tokens: Tensor, stop_strings: list[str]) -> bool:
@@ -139,10 +159,14 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
 
     A response stops at the first EOS / ``stop_token_ids`` token or at the first token whose decoded
     prefix contains a stop string; that token is kept, everything after it is ``pad_token_id`` and
-    masked out. ``R`` is the longest kept response. ``logprobs`` are recomputed with
-    :func:`response_logprobs` (one forward pass, ``logits / temperature``, no top-k / top-p
-    renormalisation), i.e. exactly what the training forward sees. Stop strings are checked by decoding
-    each unfinished response after every step, which costs ``O(R²)`` decoding per row.
+    masked out. ``R`` is the longest kept response.
+
+    ``logprobs (B, R)`` float32 come from each decoding step's own logits ``z (B, V)``:
+    ``log softmax(z / temperature)[token]``, before top-k / top-p filtering (no renormalisation) and for
+    greedy decoding too, 0 where ``response_mask`` is 0. That is what :func:`response_logprobs` (the
+    training forward) computes, up to float rounding between the cached and the uncached forward; no
+    second forward pass runs. Stop strings are checked by decoding each unfinished response after every
+    step, which costs ``O(R²)`` decoding per row.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
@@ -162,12 +186,15 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                     use_cache=True, **kwargs)
         response = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
         lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(config.max_new_tokens):
-            token = _sample_next(out.logits[:, -1], config, generator)
+            logits = out.logits[:, -1]  # (B, V)
+            token = _sample_next(logits, config, generator)
             token = torch.where(ended, torch.full_like(token, pad_id), token)
             response[:, step] = token
+            logprobs[:, step] = ops.token_logprobs(logits[:, None], token[:, None], config.temperature)[:, 0]
             stopped = ~ended & torch.isin(token, stop_ids_t)
             if config.stop_strings:
                 for row in (~ended & ~stopped).nonzero().flatten().tolist():
@@ -188,9 +215,9 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
         response = response[:, :response_length]
         response_mask = (torch.arange(response_length, device=device)[None, :] < lengths[:, None]).long()
         response = response.masked_fill(response_mask == 0, pad_id)
+        logprobs = logprobs[:, :response_length].masked_fill(response_mask == 0, 0.0)
         sequences = torch.cat([input_ids, response], dim=1)
         full_mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
-        logprobs = response_logprobs(model, sequences, full_mask, prompt_length, config.temperature)
     finally:
         model.train(was_training)
 

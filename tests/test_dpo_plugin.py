@@ -141,6 +141,8 @@ def test_fit_live_updates_policy_not_reference(preferences, tmp_path):
     assert any(not torch.equal(v, module.policy.state_dict()[k]) for k, v in policy_before.items())
     assert all(torch.equal(v, module.reference.state_dict()[k]) for k, v in reference_before.items())
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "train/loss"} <= set(trainer_metrics(module))
+    # Gradients are freed right after each optimiser step, not held until the next step's forward.
+    assert all(p.grad is None for p in module.parameters())
 
 
 def trainer_metrics(module) -> dict:

@@ -7,7 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from alignkit.rollout import SamplingConfig, _sample_next, generate, left_pad, response_logprobs
+from alignkit.rollout import (SamplingConfig, _sample_next, generate, left_pad, response_logprobs,
+                              sample_categorical)
 
 PAD, EOS = 0, 1
 PROMPT_IDS = [[4, 5, 6], [13], [23, 24, 25, 26, 27]]  # different lengths -> left padding
@@ -181,6 +182,49 @@ def test_logprobs_match_sampling_distribution(model, tokenizer):
     assert rollout.logprobs.shape == rollout.response_mask.shape == (3, rollout.sequences.shape[1] - P)
 
 
+def test_logprobs_ignore_top_k_and_top_p(model, tokenizer):
+    # Rollout.logprobs are log softmax(logits / T) of the unfiltered distribution, as the training forward
+    # (response_logprobs) computes them, not of the top-k / top-p renormalised one that was sampled from
+    config = SamplingConfig(max_new_tokens=N, temperature=0.7, top_k=5, top_p=0.8)
+    rollout = run(model, tokenizer, config, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length, 0.7)
+    torch.testing.assert_close(rollout.logprobs, expected, atol=1e-5, rtol=0)
+
+
+def test_sample_categorical_matches_probs():
+    # two distributions (rows need not sum to 1), each drawn n times; ids with probability 0 never come up
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.25, 0.0, 0.05], [0.0, 3.0, 1.0, 0.0, 0.0, 0.0]])
+    n = 40_000
+    draws = sample_categorical(probs.repeat_interleave(n, dim=0), torch.Generator().manual_seed(0))
+    assert draws.shape == (2 * n,) and draws.dtype == torch.long
+    for row, p in enumerate(probs):
+        counts = torch.bincount(draws[row * n:(row + 1) * n], minlength=6).double()
+        expected = n * p.double() / p.sum()
+        support = p > 0
+        assert (counts[~support] == 0).all()
+        chi2 = ((counts - expected)[support] ** 2 / expected[support]).sum()
+        # dof = support - 1 (3 and 1); 16.3 and 10.8 are the 0.999 quantiles of chi-square(3) and (1)
+        assert chi2 < (16.3 if int(support.sum()) == 4 else 10.8), (row, counts)
+
+
+def test_sample_categorical_edges_and_seed():
+    # all the mass on the first or on the last id: always that id (no rounding past either end)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]).repeat(1000, 1)
+    assert sample_categorical(one_hot, torch.Generator().manual_seed(0)).tolist() == [0, 2] * 1000
+    probs = torch.rand(64, 50, generator=torch.Generator().manual_seed(1))
+    first = sample_categorical(probs, torch.Generator().manual_seed(9))
+    assert torch.equal(first, sample_categorical(probs, torch.Generator().manual_seed(9)))
+    assert not torch.equal(first, sample_categorical(probs, torch.Generator().manual_seed(10)))
+    torch.manual_seed(3)
+    global_a = sample_categorical(probs)
+    torch.manual_seed(3)
+    assert torch.equal(global_a, sample_categorical(probs))
+    for bad in (float("nan"), float("inf"), 0.0):  # like torch.multinomial, invalid rows raise
+        with pytest.raises(ValueError, match="probabilities"):
+            sample_categorical(torch.tensor([[0.5, 0.5], [bad, 0.0]]))
+
+
 def test_generate_uses_eval_mode_and_restores_it(model, tokenizer):
     modes = []
     hook = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
@@ -215,8 +259,7 @@ def test_positions_ignore_left_padding(model, tokenizer):
         rollout = run(model, tokenizer, SamplingConfig(max_new_tokens=3, do_sample=False))
     finally:
         hook.remove()
-    prefill, step1, step2, scoring = calls
+    prefill, step1, step2 = calls  # log-probs come from the decoding logits: no scoring forward
     assert prefill == [[0, 0, 0, 1, 2], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]]
     assert step1 == [[3], [1], [5]] and step2 == [[4], [2], [6]]
-    assert scoring == [[0, 0, 0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7]]
     assert rollout.response_mask.all()

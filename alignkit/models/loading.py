@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from alignkit.models.tiny import TinyModelConfig, build_tiny_model
+from alignkit.ops import accepts_argument
 
 ModelHead = Literal["causal_lm", "sequence_classification"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,7 +119,8 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     head = getattr(base, "score", None)
     if isinstance(head, nn.Module):
         backbone = getattr(base, base.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        extra = {"use_cache": False} if accepts_argument(backbone, "use_cache") else {}  # no KV cache to build
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state  # (B, T, H)
         index = last_token_index(attention_mask)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
         return head(pooled).squeeze(-1).float()
