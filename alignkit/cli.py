@@ -108,9 +108,12 @@ class AlignCLI(LightningCLI):
             algorithm = self._cfg.model.algorithm.class_path.rsplit(".", 1)[-1]
             group = self._cfg.experiment or (Path(self.recipe).stem if self.recipe else "alignkit")
             os.environ.setdefault("WANDB_SILENT", "true")
+            # A resumed run keeps its wandb run id (offline runs then write a second folder under that id).
+            previous = wandb_run_id(run_dir) if self._cfg.get("resume") else None
+            resumed = {"id": previous, "resume": "allow"} if previous else {}
             loggers.append(WandbLogger(project="alignkit", save_dir=str(run_dir), offline=True, group=group,
                                        tags=[algorithm], name=f"{group}/{run_dir.name}", job_type=algorithm,
-                                       config=self._cfg.clone().as_dict()))
+                                       config=self._cfg.clone().as_dict(), **resumed))
         return loggers
 
 
@@ -121,6 +124,12 @@ def fit(args: list[str]) -> Path:
     finally:
         finish_wandb_run()
     return Path(cli.config.fit.run_dir)
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the newest wandb run logged in ``run_dir`` (its folders are ``wandb/<mode>-run-<time>-<id>``)."""
+    runs = sorted((run_dir / "wandb").glob("*-run-*-*"), key=lambda folder: folder.name.split("-run-", 1)[1])
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
 
 
 def finish_wandb_run() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,3 +204,25 @@ def test_resume_refuses_a_run_without_checkpoint_or_a_finished_run(tmp_path, cap
         assert info.value.code == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("alignkit: error:") and expected in error and "\n" not in error
+
+
+def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+    from alignkit.cli import finish_wandb_run, wandb_run_id
+
+    monkeypatch.chdir(ROOT)
+    quiet_with_wandb = [arg for arg in QUIET if not arg.startswith("--wandb")]
+    args = ["--config", "recipes/sft.yaml", *TINY_MODEL, *quiet_with_wandb, "--checkpoint_every=2",
+            "--run_dir", tmp_path / "run"]
+    run_cli(["fit", *args, "--trainer.max_steps=2"])
+    finish_wandb_run()
+    first = wandb_run_id(tmp_path / "run")
+    assert first
+    shutil.rmtree(tmp_path / "run" / "model")  # as if the run had stopped after its step-2 checkpoint
+    (tmp_path / "run" / "metrics.json").unlink()
+    # A new process, as a real resume is (wandb stamps its folders with the process's start time).
+    command = [sys.executable, "-m", "alignkit.cli", "fit", *map(str, args), "--trainer.max_steps=4", "--resume", "true"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own wandb service, as a new run has
+    subprocess.run(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}, check=True,
+                   stdout=subprocess.DEVNULL)
+    folders = sorted((tmp_path / "run" / "wandb").glob("*-run-*"))
+    assert len(folders) == 2 and {folder.name.rsplit("-", 1)[1] for folder in folders} == {first}
