@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -157,6 +158,71 @@ def test_limit_and_validation_split(tmp_path, tiny_tokenizer):
     data = make(SFTData, tiny_tokenizer, path=str(path), limit=10, val_fraction=0.2)
     assert len(data.train_set) == 8 and len(data.val_set) == 2
     assert not set(map(str, data.train_set)) & set(map(str, data.val_set))
+
+
+# ------------------------------------------------------------------------------------------ reading JSON files
+
+#: Well-formed JSON files of every shape the json loader of ``datasets`` reads (name -> text).
+JSON_FILES = {
+    "lines.jsonl": '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n',
+    "blank_lines_crlf.jsonl": '\ufeff{"prompt": "a", "response": "b"}\r\n\r\n{"prompt": "c", "response": "d"}',
+    "missing_columns.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "x", "output": "d"}\n',
+    "mixed_numbers.jsonl": '{"margin": 1, "n": 2}\n{"margin": 0.5, "n": 3}\n{"margin": null, "n": 4}\n',
+    "unicode.jsonl": '{"prompt": "caf\\u00e9 \u2028 \u00fc"}\n',
+    "nested.jsonl": json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
+    "list.json": json.dumps(SFT_ROWS, indent=2),
+    "list_of_strings.json": json.dumps(["a", "b"]),
+    "one_object.json": json.dumps({"prompt": "a", "response": "b"}, indent=2),
+    "lines.json": '{"prompt": "a"}\n{"prompt": "c"}\n',
+}
+
+
+@pytest.mark.parametrize("name", list(JSON_FILES))
+def test_json_files_read_as_datasets_reads_them(name, tmp_path):
+    """The standard-library reader returns the rows ``datasets.load_dataset("json")`` returned before it."""
+    import datasets
+
+    path = tmp_path / name
+    path.write_text(JSON_FILES[name], encoding="utf-8")
+    expected = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+    assert load_rows(str(path)) == expected.to_list()
+
+
+def test_json_files_do_not_import_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    code = ("import sys; from alignkit.data.formats import load_rows; "
+            f"assert len(load_rows({str(path)!r})) == 3; assert 'datasets' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_malformed_jsonl_line_names_the_file_and_line(tmp_path, tiny_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": "d",}\n{"prompt": "e"}\n')
+    with pytest.raises(DataError, match=r"'.*bad\.jsonl' could not be read: line 3: invalid JSON") as info:
+        load_rows(str(path))
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match="line 3"):
+        make(SFTData, tiny_tokenizer, path=str(path))
+    # A pretty-printed document: the line of the error in the whole file.
+    document = tmp_path / "bad.json"
+    document.write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]\n')
+    with pytest.raises(DataError, match=r"bad\.json' could not be read: line 3: invalid JSON"):
+        load_rows(str(document))
+
+
+@pytest.mark.parametrize("text,error", [
+    ("", "no data"), ("\n\n", "no data"), ("[]", "no data"), ("{}\n{}\n", "no data"),
+    ('{"prompt": "a"}\n["b"]\n', "line 2: expected a JSON object, got list"),
+    ('{"prompt": "a"} {"prompt": "b"}\n', "line 1: invalid JSON"),
+])
+def test_unreadable_json_files(tmp_path, text, error):
+    path = tmp_path / "data.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"data.jsonl' could not be read: {re.escape(error)}"):
+        load_rows(str(path))
 
 
 # ------------------------------------------------------------------------------------------ preference formats

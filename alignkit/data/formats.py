@@ -12,6 +12,7 @@ reward model train on soft targets.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,17 +56,19 @@ class PreferenceRecord:
 
 
 def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` folder, or an HF data set name."""
-    import datasets
-
+    """Rows of a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` folder, or an HF data set name.
+    JSON files are read with the standard library (see :func:`read_json_rows`); ``datasets`` is imported
+    only for the others."""
     suffix = Path(path).suffix.lower()
     looks_local = suffix in {".jsonl", ".json", ".parquet"} or path.startswith((".", "/", "~")) or os.path.exists(path)
     if looks_local and not os.path.exists(path):
         raise DataError(f"data file {path!r} does not exist")
     try:
         if suffix in {".jsonl", ".json"}:
-            ds = datasets.load_dataset("json", data_files=path, split="train")
-        elif suffix == ".parquet":
+            return read_json_rows(path)
+        import datasets
+
+        if suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=path, split="train")
         elif looks_local:
             ds = datasets.load_from_disk(path)
@@ -77,6 +80,76 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     except Exception as exc:
         raise DataError(f"data {path!r} could not be read: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     return ds.to_list()
+
+
+def read_json_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file (one object per line; blank lines skipped) or of a JSON document (a list of
+    objects; a list of other values becomes a ``text`` column; one object is one row), whatever the suffix,
+    as ``datasets``' json loader reads them: every row gets every column (``None`` where a row has none, in
+    the order the columns first appear) and a column mixing integers and floats holds floats. Bad JSON is a
+    :class:`DataError` naming the file and the line."""
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is skipped
+        text = f.read()
+    rows = _document_rows(path, text) if text.lstrip().startswith("[") else _line_rows(path, text)
+    if not any(rows):
+        raise DataError(f"data {path!r} could not be read: no data")
+    return _unify_columns(rows)
+
+
+def _line_rows(path: str, text: str) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if not rows and exc.pos >= len(line.rstrip()):  # the first line is cut short: one multi-line document
+                return _document_rows(path, text)
+            raise DataError(f"data {path!r} could not be read: line {number}: invalid JSON "
+                            f"({exc.msg}, column {exc.colno})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"data {path!r} could not be read: line {number}: expected a JSON object, "
+                            f"got {type(value).__name__}")
+        rows.append(value)
+    return rows
+
+
+def _document_rows(path: str, text: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"data {path!r} could not be read: line {exc.lineno}: invalid JSON "
+                        f"({exc.msg}, column {exc.colno})") from None
+    if isinstance(value, dict):
+        return [value]
+    if not isinstance(value, list):
+        raise DataError(f"data {path!r} could not be read: expected JSON objects, got {type(value).__name__}")
+    if not any(isinstance(item, dict) for item in value):
+        return [{"text": item} for item in value]
+    if not all(isinstance(item, dict) for item in value):
+        raise DataError(f"data {path!r} could not be read: a JSON list mixing objects and other values")
+    return value
+
+
+def _unify_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every column in every row (``None`` where missing); a column of numbers that mixes integers with floats
+    (or holds integers beyond 64 bits) holds floats only, as in an Arrow table."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    floats = {key for key in columns if _float_column([row.get(key) for row in rows])}
+    if not floats and all(len(row) == len(columns) for row in rows):
+        return rows
+    return [{key: float(row[key]) if key in floats and row.get(key) is not None else row.get(key) for key in columns}
+            for row in rows]
+
+
+def _float_column(values: list[Any]) -> bool:
+    """Whether a column holds integers that Arrow would store as floats."""
+    numbers = [v for v in values if v is not None]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+        return False
+    ints = [v for v in numbers if isinstance(v, int)]
+    return bool(ints) and (len(ints) < len(numbers) or any(not -2**63 <= v < 2**63 for v in ints))
 
 
 def detect_format(rows: list[dict[str, Any]], table: dict[str, tuple[str, ...]], source: str) -> str:

@@ -45,14 +45,53 @@ class ResumableSampler(DistributedSampler):
     """The training order: with ``shuffle``, a permutation seeded by ``seed + epoch``, so the order of an epoch
     never depends on what ran before; split over ``num_replicas`` data-parallel ranks as
     :class:`DistributedSampler` does (one replica: every row, in that order). ``skip`` drops the first indices
-    of the next pass only: a resumed run continues an epoch after the rows it already trained on."""
+    of the next pass only: a resumed run continues an epoch after the rows it already trained on.
+
+    With ``lengths`` (one per row), the epoch's order is grouped by length before the split: cut into
+    mega-batches of ``group`` global batches (``batch_size × num_replicas`` rows), each sorted by length
+    (longest first) and cut into global batches, whose order is then shuffled (with ``shuffle``; a last,
+    partial batch stays last). Rank r's k-th batch holds rows of global batch k, so every rank's batches pad
+    to similar lengths, and a 1-process run with the global batch size sees the same global batches."""
 
     skip: int = 0
+    group: int = 32  # global batches per length-sorted mega-batch
+
+    def __init__(self, *args, lengths: list[int] | None = None, batch_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        if lengths is not None and len(lengths) != len(self.dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(self.dataset)} rows")
+        self.lengths, self.batch_size = lengths, batch_size
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        order = self.order()
+        # This rank's share, as DistributedSampler splits its permutation: padded with the order's first rows
+        # (or cut, with drop_last) to total_size, then every num_replicas-th row from rank on.
+        if self.drop_last or not order:
+            order = order[: self.total_size]
+        else:
+            order = (order * -(-self.total_size // len(order)))[: self.total_size]
+        indices = order[self.rank:: self.num_replicas]
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
+
+    def order(self) -> list[int]:
+        """Every row of this epoch, in training order, before the split over ranks."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
+        return order if self.lengths is None else self.length_grouped(order, generator)
+
+    def length_grouped(self, order: list[int], generator: torch.Generator) -> list[int]:
+        size = self.batch_size * self.num_replicas  # a global batch
+        mega = size * self.group
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start: start + mega], key=lambda i: -self.lengths[i])  # stable: ties keep order
+            batches += [chunk[i: i + size] for i in range(0, len(chunk), size)]
+        full = len(order) // size  # batches[full:] is the partial last batch, if any
+        if self.shuffle:
+            batches[:full] = [batches[i] for i in torch.randperm(full, generator=generator).tolist()]
+        return [i for batch in batches for i in batch]
 
 
 class ResumableLoader(DataLoader):
@@ -104,7 +143,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
                  batch_size: int = 16, max_length: int = 256, max_prompt_length: int = 128,
                  truncation: Truncation = "truncate", val_fraction: float = 0.05, limit: int | None = None,
                  chat_template: bool = False, bootstrap: bool = False, shuffle: bool = True, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, group_by_length: bool = False):
         """
         Args:
             path: a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` folder, or an HF data set name.
@@ -123,6 +162,10 @@ class AlignData(L.LightningDataModule, abc.ABC):
                 exactly the global batches of a 1-process run (rank r takes rows r, r+N, ...).
             seed: seed of the train/validation split, the bootstrap and the shuffling.
             num_workers: DataLoader worker processes.
+            group_by_length: batch training examples of similar length, so batches carry less padding: each
+                epoch's order (shuffled or not) is cut into mega-batches of 32 global batches, each sorted by
+                length, and the batches are shuffled (with ``shuffle``). Seeded, resumable mid-epoch and split
+                over ranks like the plain order.
         """
         super().__init__()
         if path is None and task is None:
@@ -133,7 +176,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.truncation, self.val_fraction, self.limit = truncation, val_fraction, limit
         self.chat_template, self.bootstrap, self.shuffle = chat_template, bootstrap, shuffle
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.group_by_length = seed, num_workers, group_by_length
         self.tokenizer = None
         self.stats = TruncationStats()
         self.train_set: list[Any] = []
@@ -150,6 +193,10 @@ class AlignData(L.LightningDataModule, abc.ABC):
 
     def task_rows(self) -> list[dict[str, Any]]:
         raise DataError(f"{type(self).__name__} cannot read data from a task; give data.path")
+
+    def length(self, example: Any) -> int:
+        """The length (in tokens) that ``example`` pads a batch to, for ``group_by_length``."""
+        raise DataError(f"{type(self).__name__} does not support group_by_length (it defines no length())")
 
     @abc.abstractmethod
     def encode(self, rows: list[dict[str, Any]]) -> list[Any]:
@@ -184,7 +231,9 @@ class AlignData(L.LightningDataModule, abc.ABC):
         trainer = self.trainer  # None outside a Trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Our own sampler, also on one process: Lightning's automatic one always shuffles training data.
-        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed)
+        lengths = [self.length(e) for e in self.train_set] if self.group_by_length else None
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed,
+                                   lengths=lengths, batch_size=self.batch_size)
         loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                                  num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
         if self.train_loader_state is not None:  # restored from a checkpoint: the trainer's loader asks first
@@ -248,6 +297,10 @@ class SFTData(AlignData):
             if fitted is not None:
                 examples.append((fitted[0], fitted[1][0]))
         return pack(examples, self.max_length) if self.packing else examples
+
+    def length(self, example: tuple[list[int], list[int]] | list[tuple[list[int], list[int]]]) -> int:
+        pairs = example if self.packing else [example]
+        return sum(len(p) + len(r) for p, r in pairs)
 
     def collate(self, examples: list[tuple[list[int], list[int]]] | list[list[tuple[list[int], list[int]]]]) -> SFTBatch:
         if self.packing:
@@ -337,6 +390,9 @@ class PreferenceData(AlignData):
                 examples.append(PreferenceExample(i, prompt_ids, chosen, rejected, record.margin, record.soft_label))
         return examples
 
+    def length(self, example: PreferenceExample) -> int:
+        return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+
     def collate(self, examples: list[PreferenceExample]) -> PreferenceBatch:
         answers = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]  # chosen rows, then rejected
         prompts = [e.prompt_ids for e in examples] * 2
@@ -397,6 +453,9 @@ class PromptData(AlignData):
             return super().hold_out(examples)
         # A task has its own held-out prompts: validate on those, train on every train prompt.
         return examples, self.encode([{self.column: p} for p in self.task.eval_prompts()])
+
+    def length(self, example: PromptExample) -> int:
+        return len(example.ids)
 
     def collate(self, examples: list[PromptExample]) -> PromptBatch:
         ids, mask = left_pad([e.ids for e in examples], self.tokenizer.pad_token_id)

@@ -9,11 +9,15 @@ One training step (driven by the host, :class:`alignkit.module.AlignModule`):
 4. ``update_epochs`` × ``num_minibatches`` optimiser steps of clipped policy + clipped value loss
    (with gradient accumulation), stopping early when approx-KL exceeds the target;
 5. after the update, the adaptive KL controller (Ziegler et al. 2019) adapts β.
+
+With one epoch, one minibatch, no accumulation and the value-head critic, step 4's forward is step 3's
+forward: it runs once (see :meth:`PPO.single_pass`).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,6 +56,7 @@ class PPOExperience(TensorRecord):
     kl: Tensor  # (B, R) per-token KL estimate used in the penalty
     scores: Tensor  # (B,) the combined reward (after the missing-stop penalty)
     prompt_length: int
+    rows: Tensor  # (B,) each row's index in the experience as built (``select`` keeps it)
 
     def select(self, rows: Tensor) -> PPOExperience:
         fields = {k: (v[rows] if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
@@ -75,14 +80,27 @@ class ValueHead(nn.Module):
         return self.linear(hidden).squeeze(-1).float()
 
 
+PolicyPass = tuple[Tensor, Tensor, Tensor | None]  # policy_forward's (log-probs, logits, hidden state)
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model`` computes logits for the last positions only when given ``logits_to_keep``
+    (transformers causal LMs). A peft model forwards its ``**kwargs`` to the base model: look at that one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def policy_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
-                   temperature: float, need_hidden: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+                   temperature: float, need_hidden: bool) -> PolicyPass:
     """One forward pass over prompt + response: log-probs ``(B, R)`` of the response tokens under
     ``softmax(logits / temperature)``, the logits that predicted them ``(B, R, V)``, and the last hidden
-    state at those positions ``(B, R, H)`` when asked (for a value head)."""
+    state at those positions ``(B, R, H)`` when asked (for a value head). The LM head runs on the last
+    ``R + 1`` positions only when the model allows it; hidden states always cover every position."""
+    R = sequences.shape[1] - prompt_length
+    kwargs = {"logits_to_keep": R + 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, output_hidden_states=need_hidden)
-    logits = out.logits[:, prompt_length - 1:-1]  # position t predicts token t + 1
+                use_cache=False, output_hidden_states=need_hidden, **kwargs)
+    logits = out.logits[:, -(R + 1):-1]  # position t predicts token t + 1
     logprobs = token_logprobs(logits, sequences[:, prompt_length:], temperature)
     hidden = out.hidden_states[-1][:, prompt_length - 1:-1] if need_hidden else None
     return logprobs, logits, hidden
@@ -155,6 +173,7 @@ class PPO(OnlineAlgorithm):
         self.value_head: ValueHead | None = None
         self.critic: nn.Module | None = None
         self.updates = 0
+        self._pass: PolicyPass | None = None  # the experience's forward with its graph, for the single pass
 
     # ------------------------------------------------------------------------------------------ setup
     @hookimpl
@@ -172,14 +191,32 @@ class PPO(OnlineAlgorithm):
         return self.value_head(hidden)
 
     # ------------------------------------------------------------------------------------------ experience
+    def single_pass(self, module) -> bool:
+        """Whether the update reuses the experience's policy forward instead of running its own.
+
+        With one update epoch, one minibatch and no gradient accumulation, the host's update (see
+        ``AlignModule.update``) calls ``alignkit_loss`` exactly once, on a selection of the experience's rows,
+        with the weights the experience saw: its forward would repeat the experience's (ratio = 1 exactly).
+        So ``alignkit_experience`` runs that forward with grad, keeps it in ``self._pass`` and uses detached
+        copies for log π_old, the values, the rewards and GAE; the next ``alignkit_loss`` takes it (rows
+        indexed by ``batch.rows``, so any order or subset works) and drops the reference, so the graph lives
+        only until that loss's backward. ``alignkit_after_update`` drops an unused one. A separate critic has
+        its own forward, so it keeps the two-pass path."""
+        return (module.training and self.update_epochs == 1 and self.num_minibatches == 1
+                and self.gradient_accumulation_steps == 1 and self.critic is None)
+
     @hookimpl
     def alignkit_experience(self, module, rollout: Rollout, scores: Tensor) -> PPOExperience:
         rollout = rollout.to(module.device)
         P, mask = rollout.prompt_length, rollout.response_mask.float()
         temperature = self.sampling.temperature
+        single = self.single_pass(module)
+        with torch.set_grad_enabled(single):
+            forward = policy_forward(module.policy, rollout.sequences, rollout.attention_mask, P, temperature,
+                                     need_hidden=self.critic is None)
+        self._pass = forward if single else None
+        old_logprobs, _, hidden = (t.detach() if t is not None else None for t in forward)
         with torch.no_grad():
-            old_logprobs, _, hidden = policy_forward(module.policy, rollout.sequences, rollout.attention_mask, P,
-                                                     temperature, need_hidden=self.critic is None)
             old_values = self.values(module, rollout.sequences, rollout.attention_mask, P, hidden) * mask
             with module.reference_model() as reference:
                 ref_logprobs = response_logprobs(reference, rollout.sequences, rollout.attention_mask, P, temperature)
@@ -191,8 +228,9 @@ class PPO(OnlineAlgorithm):
             advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
             if self.whiten:
                 advantages = whiten_advantages(advantages, mask, reduce=module.reduce_sum)
+        rows = torch.arange(rollout.sequences.shape[0], device=module.device)
         return PPOExperience(rollout.sequences, rollout.attention_mask, mask, old_logprobs * mask, ref_logprobs * mask,
-                             old_values, advantages, returns, kl, scores, P)
+                             old_values, advantages, returns, kl, scores, P, rows)
 
     @hookimpl
     def alignkit_minibatches(self, module, experience: PPOExperience) -> Iterator[list[PPOExperience]]:
@@ -206,14 +244,22 @@ class PPO(OnlineAlgorithm):
     @hookimpl
     def alignkit_loss(self, module, batch: PPOExperience) -> LossOutput:
         mask = batch.response_mask
-        logprobs, logits, hidden = policy_forward(module.policy, batch.sequences, batch.attention_mask,
-                                                  batch.prompt_length, self.sampling.temperature,
-                                                  need_hidden=self.critic is None)
+        forward, self._pass = self._pass, None  # used once: the graph goes with this loss's backward
+        if forward is not None:
+            logprobs, logits, hidden = (t[batch.rows] if t is not None else None for t in forward)
+        else:
+            logprobs, logits, hidden = policy_forward(module.policy, batch.sequences, batch.attention_mask,
+                                                      batch.prompt_length, self.sampling.temperature,
+                                                      need_hidden=self.critic is None)
         values = self.values(module, batch.sequences, batch.attention_mask, batch.prompt_length, hidden)
         tokens = module.reduce_mean(mask.sum())  # per-rank mean token count: DDP then equals one global mean
         pg = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, self.clip_range, tokens)
         vf = value_loss(values, batch.old_values, batch.returns, mask, self.clip_range_value, tokens)
-        entropy = masked_mean(entropy_from_logits(logits), mask)
+        if self.entropy_coef:
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+        else:  # only logged: keep the full-vocabulary softmax out of the graph
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
         loss = pg.loss + self.vf_coef * vf.loss - self.entropy_coef * entropy
         return LossOutput(loss, {
             "train/loss": loss.detach(), "loss/policy": pg.loss.detach(), "loss/value": vf.loss.detach(),
@@ -224,6 +270,7 @@ class PPO(OnlineAlgorithm):
     # ------------------------------------------------------------------------------------------ after
     @hookimpl
     def alignkit_after_update(self, module, experience: PPOExperience, stats: dict[str, float]) -> None:
+        self._pass = None  # normally taken by the loss already; never keep a graph past the update
         kl_per_sequence = module.reduce_mean((experience.kl * experience.response_mask).sum(-1).mean())
         self.kl_controller.update(float(kl_per_sequence), experience.size * module.world_size)
 
