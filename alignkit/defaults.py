@@ -14,24 +14,45 @@ from alignkit.types import PromptBatch, Rollout
 def full_parameters(module) -> Iterator[None]:
     """Make the policy's full weights available on every rank for generation.
 
-    Under FSDP the parameters are sharded, so they are gathered with ``summon_full_params`` (no
-    write-back: generation only reads them); under DeepSpeed ZeRO-3 with ``GatheredParameters``. DDP and
-    single-device runs hold full weights already. The sharded paths need a GPU and were not exercised on
-    the CPU-only machines this was written on.
+    Under DeepSpeed ZeRO-3 the parameters are sharded, so they are gathered with ``GatheredParameters`` (read
+    only). DDP, ZeRO-1/2 and single-device runs hold full weights already; online algorithms refuse FSDP (see
+    ``AlignModule.setup``). The ZeRO-3 path needs a GPU and has not been exercised.
     """
     strategy = type(module.trainer.strategy).__name__ if module._trainer is not None else ""
-    if strategy == "FSDPStrategy":
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(module.trainer.strategy.model, writeback=False, recurse=True):
-            yield
-    elif strategy == "DeepSpeedStrategy" and module.trainer.strategy.config.get("zero_optimization", {}).get("stage") == 3:
+    if strategy == "DeepSpeedStrategy" and module.trainer.strategy.config.get("zero_optimization", {}).get("stage") == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.policy.parameters()), modifier_rank=None):
             yield
     else:
         yield
+
+
+def full_state_dict(module) -> dict | None:
+    """The policy's full weights for export, gathered from every rank when the strategy shards them (FSDP,
+    DeepSpeed ZeRO-3): a collective, so every rank calls it; rank 0 receives the weights (on the CPU) and the
+    other ranks ``{}``. ``None`` when the policy already holds its full weights (single device, DDP, ZeRO-1/2).
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = type(module.trainer.strategy).__name__ if module._trainer is not None else ""
+    if module._trainer is not None and isinstance(module.trainer.strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        offload = module.device.type != "cpu"  # with offloading, only rank 0 holds the full copy
+        state = get_model_state_dict(module.trainer.strategy.model,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+        if offload and not module.trainer.is_global_zero:
+            return {}
+        return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    if strategy == "DeepSpeedStrategy" and module.trainer.strategy.config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.policy.parameters()), modifier_rank=None):
+            if not module.trainer.is_global_zero:
+                return {}
+            return {k: v.detach().cpu().clone() for k, v in module.policy.state_dict().items()}
+    return None
 
 
 class DefaultRollout:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torch import Tensor, nn
 from transformers import get_scheduler
@@ -110,6 +111,10 @@ class AlignModule(L.LightningModule):
         call_each(self.pm, "alignkit_configure", object, module=self)
 
     def setup(self, stage: str) -> None:
+        if self.algorithm.online and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise PluginError(f"algorithm {type(self.algorithm).__name__} updates the policy inside its training step, "
+                              "which Lightning's FSDPStrategy does not support (backward during the FSDP forward); use "
+                              "trainer.strategy=ddp or deepspeed_stage_2")
         data = getattr(self.trainer, "datamodule", None)
         kind = getattr(data, "kind", None)
         if kind and kind != self.algorithm.data_kind:
@@ -141,12 +146,21 @@ class AlignModule(L.LightningModule):
                 frozen.eval()  # frozen models never run dropout
         return self
 
-    def export(self, path: str) -> None:
-        """Write the trained model and tokenizer with ``save_pretrained`` (LoRA adapters merged)."""
+    def export(self, path: str, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write the trained model and tokenizer with ``save_pretrained`` (LoRA adapters merged).
+
+        ``state_dict``: the policy's full weights when a sharded strategy holds them spread over the ranks
+        (:func:`alignkit.defaults.full_state_dict`, gathered before rank 0 calls this)."""
         model = self.policy
-        if hasattr(model, "merge_and_unload"):
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
+        if state_dict is not None:
+            if hasattr(model, "merge_and_unload"):
+                raise PluginError("exporting a LoRA policy trained under FSDP/ZeRO-3 is not supported yet: train "
+                                  "LoRA with DDP, or the full model when sharding")
+            model.save_pretrained(path, state_dict=state_dict)
+        else:
+            if hasattr(model, "merge_and_unload"):
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     # ------------------------------------------------------------------------------------------ optimisation

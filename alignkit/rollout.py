@@ -19,7 +19,6 @@ Each draw is an inverse-CDF lookup (:func:`sample_categorical`, one uniform numb
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -81,10 +80,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _accepts(model: torch.nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
-
-
 def response_logprobs(model: torch.nn.Module, sequences: Tensor, attention_mask: Tensor,
                       prompt_length: int, temperature: float) -> Tensor:
     """log softmax(logits / temperature) of every response token, from one forward pass.
@@ -97,7 +92,7 @@ def response_logprobs(model: torch.nn.Module, sequences: Tensor, attention_mask:
         raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
     response_length = sequences.shape[1] - prompt_length
     kwargs = {}
-    if _accepts(model, "logits_to_keep"):  # only the logits that predict response tokens
+    if ops.accepts_argument(model, "logits_to_keep"):  # only the logits that predict response tokens
         kwargs["logits_to_keep"] = response_length + 1
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
@@ -182,7 +177,7 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
     model.eval()
     try:
         mask = attention_mask.long()
-        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        kwargs = {"logits_to_keep": 1} if ops.accepts_argument(model, "logits_to_keep") else {}
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                     use_cache=True, **kwargs)
         response = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)

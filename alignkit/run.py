@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from alignkit.defaults import full_state_dict
+
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
@@ -80,12 +82,12 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp.name, path)
 
 
-def atomic_save_model(module, target: Path) -> None:
+def atomic_save_model(module, target: Path, state_dict: dict | None = None) -> None:
     """``module.export`` into a temporary sibling folder, then swap it into ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        module.export(str(tmp))
+        module.export(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             os.replace(target, old)
@@ -159,8 +161,9 @@ class RunDirectory(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
+        weights = full_state_dict(pl_module)  # every rank: gathering sharded weights is a collective
         if trainer.is_global_zero:
-            atomic_save_model(pl_module, self.run_dir / MODEL_DIR)
+            atomic_save_model(pl_module, self.run_dir / MODEL_DIR, weights)
             # Metrics logged before a resume and not since (e.g. the last validation) count as in one run.
             final = {**self.earlier_latest, **scalars(trainer.callback_metrics)}
             data = getattr(trainer, "datamodule", None)

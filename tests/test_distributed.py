@@ -1,4 +1,4 @@
-"""DDP with 2 processes on CPU (gloo) matches a 1-process run with the same global batch.
+"""DDP and FSDP with 2 processes on CPU (gloo) match a 1-process run with the same global batch.
 
 Both runs see the same global batches (no shuffling: rank r takes rows r, r+2, ...). We compare what
 the trained models compute — token log-probs (policies) or scores (reward models) on fixed texts — as
@@ -56,12 +56,18 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return {"policy": folder / "policy", "prefs": folder / "prefs.jsonl"}
 
 
-def fit(run_dir: Path, devices: int, batch_size: int, args: list[str]) -> Path:
+#: FSDP with every decoder layer its own FULL_SHARD unit, on CPU processes (see tests/cpu_fsdp.py).
+FSDP = ("--trainer.strategy={class_path: cpu_fsdp.CPUFSDPStrategy, init_args: {sharding_strategy: FULL_SHARD, "
+        "auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], process_group_backend: gloo}}")
+
+
+def fit(run_dir: Path, devices: int, batch_size: int, args: list[str], strategy: str = "--trainer.strategy=ddp") -> Path:
     command = [sys.executable, "-m", "alignkit.cli", "fit", *args, *COMMON, "--run_dir", str(run_dir),
                f"--trainer.devices={devices}", f"--data.init_args.batch_size={batch_size}"]
     if devices > 1:
-        command.append("--trainer.strategy=ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+        command.append(strategy)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir / "model"
@@ -107,16 +113,33 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_two_process_ddp_matches_one_process(name, inputs, tmp_path):
+STRATEGIES = [*((name, "ddp") for name in CASES), ("sft", "fsdp"), ("dpo", "fsdp")]
+
+
+@pytest.mark.parametrize(("name", "strategy"), STRATEGIES)
+def test_two_processes_match_one_process(name, strategy, inputs, tmp_path):
+    """DDP, and FSDP FULL_SHARD (whose final export gathers the sharded weights), against one process."""
     args, (algorithm, policy) = CASES[name][0](inputs), CASES[name][1](inputs)
     initial, tokenizer = initial_model(algorithm, policy)
     single = fit(tmp_path / "single", devices=1, batch_size=8, args=args)
-    ddp = fit(tmp_path / "ddp", devices=2, batch_size=4, args=args)
+    ddp = fit(tmp_path / strategy, devices=2, batch_size=4, args=args,
+              strategy=FSDP if strategy == "fsdp" else "--trainer.strategy=ddp")
     texts = [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"] for line in open(inputs["prefs"])][:8]
     f0 = outputs(initial, tokenizer, texts)
     f1, f2 = (outputs(load(path, algorithm.model_head), tokenizer, texts) for path in (single, ddp))
     gap = float((f2 - f1).norm() / (f1 - f0).norm())
-    print(f"{name}: relative change gap {gap:.4f}")
+    print(f"{name} {strategy}: relative change gap {gap:.4f}")
     assert (f1 - f0).norm() > 0, "the single-process run did not train"
     assert gap < TOLERANCE
+
+
+def test_online_algorithms_refuse_fsdp_with_one_line(inputs, tmp_path):
+    """PPO's update runs inside its training step: under Lightning's FSDP that backward would fail deep in FSDP's
+    hooks after the first rollout, so the run stops at set-up naming the strategy to use instead."""
+    args = [*CASES["ppo"][0](inputs), *COMMON, "--run_dir", str(tmp_path / "run"), FSDP]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "alignkit.cli", "fit", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    error = [line for line in done.stderr.splitlines() if line.startswith("alignkit: error:")]
+    assert len(error) == 1 and "FSDPStrategy" in error[0] and "trainer.strategy=ddp" in error[0], done.stderr[-2000:]

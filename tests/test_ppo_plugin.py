@@ -11,11 +11,12 @@ import torch
 from alignkit.data import PromptData
 from alignkit.models import ModelConfig, TinyModelConfig
 from alignkit.module import AlignModule
+from alignkit.ops import accepts_argument
 from alignkit.plugin import Reward, RewardOutput
 from alignkit.rollout import SamplingConfig
 from alignkit.types import Rollout
 from alignkit_plugins.ppo import PPO
-from alignkit_plugins.ppo.algorithm import accepts_logits_to_keep, policy_forward
+from alignkit_plugins.ppo.algorithm import policy_forward
 from alignkit_plugins.tasks import SentimentTask
 
 TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
@@ -114,7 +115,7 @@ class FullLogits(torch.nn.Module):
 def test_logits_to_keep_gives_the_same_logprobs_as_full_logits():
     torch.manual_seed(0)
     policy = AlignModule(algorithm=PPO(), policy=TINY).policy
-    assert accepts_logits_to_keep(policy) and not accepts_logits_to_keep(FullLogits(policy))
+    assert accepts_argument(policy, "logits_to_keep") and not accepts_argument(FullLogits(policy), "logits_to_keep")
     rollout = hand_rollout([3, 1, 4])  # P = 3, R = 4
     args = (rollout.sequences, rollout.attention_mask, rollout.prompt_length, 0.7)
     lean = policy_forward(policy, *args, need_hidden=True)

@@ -17,7 +17,6 @@ forward: it runs once (see :meth:`PPO.single_pass`).
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from alignkit.ops import entropy_from_logits, masked_mean, token_logprobs
+from alignkit.ops import accepts_argument, entropy_from_logits, masked_mean, token_logprobs
 from alignkit.plugin import OnlineAlgorithm, hookimpl
 from alignkit.rollout import SamplingConfig, position_ids_from_mask, response_logprobs
 from alignkit.types import LossOutput, Rollout, TensorRecord
@@ -83,13 +82,6 @@ class ValueHead(nn.Module):
 PolicyPass = tuple[Tensor, Tensor, Tensor | None]  # policy_forward's (log-probs, logits, hidden state)
 
 
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether ``model`` computes logits for the last positions only when given ``logits_to_keep``
-    (transformers causal LMs). A peft model forwards its ``**kwargs`` to the base model: look at that one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
 def policy_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
                    temperature: float, need_hidden: bool) -> PolicyPass:
     """One forward pass over prompt + response: log-probs ``(B, R)`` of the response tokens under
@@ -97,7 +89,7 @@ def policy_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, 
     state at those positions ``(B, R, H)`` when asked (for a value head). The LM head runs on the last
     ``R + 1`` positions only when the model allows it; hidden states always cover every position."""
     R = sequences.shape[1] - prompt_length
-    kwargs = {"logits_to_keep": R + 1} if accepts_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": R + 1} if accepts_argument(model, "logits_to_keep") else {}
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False, output_hidden_states=need_hidden, **kwargs)
     logits = out.logits[:, -(R + 1):-1]  # position t predicts token t + 1
