@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,8 @@ class OptimizerConfig:
     """Decay after warm-up, over the trainer's total optimiser steps."""
     fused: bool | None = None
     """PyTorch's fused AdamW kernel (one kernel instead of ~10 ops per parameter); ``None``: fused when every
-    trained parameter is on CPU or CUDA."""
+    trained parameter is on CPU or CUDA and the precision is not ``16-mixed``/``bf16-mixed`` (Lightning's
+    mixed precision cannot clip the gradients of a fused optimiser)."""
 
 
 @dataclass
@@ -167,7 +169,10 @@ class AlignModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optimizer_config
         params = [p for p in self.parameters() if p.requires_grad]
-        fused = cfg.fused if cfg.fused is not None else all(p.device.type in ("cpu", "cuda") for p in params)
+        fused = cfg.fused
+        if fused is None:  # Lightning's mixed precision refuses gradient clipping with a fused optimiser
+            mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+            fused = not mixed and all(p.device.type in ("cpu", "cuda") for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
                                       fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
