@@ -5,9 +5,9 @@ For every model size and algorithm one *measurement* trains a few steps through 
 records
 
 - time per step (an online step is one rollout → score → experience → update iteration), with the
-  phases of an online step (generation, rollout log-prob recomputation, scoring, experience, update), on
-  the wall clock and on the process CPU clock (with one thread on a shared CPU the CPU clock counts this
-  process's own work only; keys ending in ``_cpu``);
+  phases of an online step (generation, scoring, experience, update), on the wall clock and on the process
+  CPU clock (with one thread on a shared CPU the CPU clock counts this process's own work only; keys ending
+  in ``_cpu``);
 - training tokens/s (real, non-pad tokens through forward + backward) and, online, generation tokens/s;
 - the fraction of pad tokens in the batches (padding waste);
 - peak memory: on CPU the growth of the process's maximum resident set size (``getrusage``) above the
@@ -28,7 +28,7 @@ embedding, plus the LM head's ``V·H`` when it is tied to the embedding (a rewar
 
 The PPO count is the work the algorithm needs: generation, one policy forward for log π_old and the
 values, one reference forward, one reward-model forward and ``E`` update epochs; anything else an
-implementation executes (e.g. recomputing the rollout's log-probs) lowers its MFU instead.
+implementation executes (e.g. a second forward over the rollout for its log-probs) lowers its MFU instead.
 
 MFU = model FLOPs per second / roofline, where the roofline is the best FLOP/s of a dense
 ``(tokens × H) @ (H × I)`` matmul of the same size as the step's largest product (``mfu``), and of a large
@@ -36,11 +36,12 @@ square matmul (``mfu_peak``, the device's practical peak), both timed with torch
 both clocks. Method, results and the optimisations measured with it: ``benchmarks/README.md``.
 
 ``--compare='[trl]'`` adds TRL's ``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer`` and ``RLOOTrainer`` (for PPO) on
-the same saved model,
-the same data and the same batch and sequence lengths (``benchmarks/trl_compare.py``; skipped with a
-message when ``trl`` is not installed); ``--patches`` measures prototypes of proposed optimisations
-(``benchmarks/patches.py``) side by side with the unpatched code. Repeats are interleaved (ours, theirs,
-ours, ...) and medians are reported.
+the same saved model, the same data and the same batch and sequence lengths (``benchmarks/trl_compare.py``;
+skipped with a message when ``trl`` is not installed). ``--group_by_length`` (default true) batches examples
+of similar length on both sides where the framework can: alignkit's data modules (``group_by_length``) and
+TRL's ``train_sampling_strategy="group_by_length"`` for SFT, RM and DPO (RLOO samples prompts with its own
+sampler, which has no length grouping). Repeats are interleaved (ours, theirs, ours, ...) and medians are
+reported.
 """
 
 from __future__ import annotations
@@ -357,11 +358,9 @@ def _instrument_online(module, recorder: StepRecorder) -> None:
     """Time the phases of an online step and count its tokens, without changing what runs: the host's
     hook dispatcher and its ``score``/``update`` methods are wrapped for this process only."""
     import alignkit.module as host
-    import alignkit.rollout as rollout_mod
 
     if not getattr(host, "_bench_wrapped", False):
         call_first = host.call_first
-        recompute = rollout_mod.response_logprobs
 
         def timed_call_first(pm, hook, expect, **kwargs):
             rec = host._bench_recorder
@@ -373,15 +372,7 @@ def _instrument_online(module, recorder: StepRecorder) -> None:
                 _count_rollout(rec, result)
             return result
 
-        def timed_recompute(*args, **kwargs):
-            rec = host._bench_recorder
-            if rec is None:
-                return recompute(*args, **kwargs)
-            with rec.phase("rollout_logprobs"):
-                return recompute(*args, **kwargs)
-
         host.call_first = timed_call_first
-        rollout_mod.response_logprobs = timed_recompute
         host._bench_wrapped = True
     host._bench_recorder = recorder
     for name in ("score", "update"):
@@ -408,15 +399,7 @@ def _count_rollout(recorder: StepRecorder, rollout) -> None:
 
 
 def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement of alignkit: ``spec["algorithm"]`` trained for ``warmup + steps`` steps, with the
-    prototype patches of ``spec["patches"]`` applied for its duration."""
-    with contextlib.ExitStack() as stack:
-        if spec.get("patches"):
-            stack.enter_context(_load_benchmarks_module("patches").patched(list(spec["patches"])))
-        return _run_alignkit(spec)
-
-
-def _run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement of alignkit: ``spec["algorithm"]`` trained for ``warmup + steps`` steps."""
     import lightning as L
     import torch
 
@@ -438,7 +421,7 @@ def _run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     common = dict(batch_size=work.batch_size, max_length=work.max_length, max_prompt_length=work.max_prompt_length,
-                  val_fraction=0.0, seed=spec["seed"])
+                  val_fraction=0.0, seed=spec["seed"], group_by_length=spec.get("group_by_length", False))
     policy = ModelConfig(name_or_path=paths["policy"], dtype=spec["dtype"])
     optimizer = OptimizerConfig(lr=1e-5)
     rm_shape = None
@@ -517,7 +500,7 @@ def finish_result(spec: dict[str, Any], result: dict[str, Any], shape: ModelShap
         result[f"flops_per_s{suffix}"] = statistics.median(achieved) if achieved else 0.0
         result[f"time_per_step_s{suffix}"] = step_time
         if algorithm == "ppo":
-            generation = med.get(f"{clock}/rollout", 0.0) - med.get(f"{clock}/rollout_logprobs", 0.0)
+            generation = med.get(f"{clock}/rollout", 0.0)
             result[f"gen_tokens_per_s{suffix}"] = rate(med.get("tokens/generated", 0.0), generation)
             result[f"train_tokens_per_s{suffix}"] = rate(work.update_epochs * real, med.get(f"{clock}/update", 0.0))
             result[f"iteration_tokens_per_s{suffix}"] = rate(med.get("tokens/generated", 0.0), step_time)
@@ -552,13 +535,13 @@ def step_flops(algorithm: str, step: dict[str, float], shape: ModelShape, rm: Mo
     return generation + experience + work.update_epochs * 3 * shape.forward(real, length)
 
 
-# ============================================================================================ patches, runners
+# ============================================================================================ runners
 
 def _load_benchmarks_module(name: str):
     """Import ``benchmarks/<name>.py`` (a folder of scripts beside the package, not a package itself)."""
     path = BENCHMARKS_DIR / f"{name}.py"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --compare/--patches need a source checkout of alignkit")
+        raise FileNotFoundError(f"{path} not found: --compare needs a source checkout of alignkit")
     module_name = f"alignkit_benchmarks_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
@@ -668,7 +651,7 @@ def bench(
     warmup: int = 2,
     repeats: int = 3,
     compare: list[Literal["trl"]] | None = None,
-    patches: list[str] | None = None,
+    group_by_length: bool = True,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     dtype: Literal["float32", "bfloat16"] = "float32",
     threads: int | None = None,
@@ -691,8 +674,9 @@ def bench(
         repeats: measurements per (size, stage, framework), interleaved across frameworks; medians are reported.
         compare: other frameworks to measure on the same model, data and lengths (``trl``: DPOTrainer,
             RewardTrainer, RLOOTrainer; skipped with a message when trl is not installed).
-        patches: prototype optimisations from ``benchmarks/patches.py`` (``all`` for every one), measured as
-            ``alignkit+patches`` beside the unpatched code.
+        group_by_length: batch examples of similar length (less padding): alignkit's data modules'
+            ``group_by_length`` and, with ``compare``, TRL's ``train_sampling_strategy="group_by_length"`` for SFT,
+            RM and DPO (TRL's RLOO has no length grouping). False: uniformly shuffled batches on both sides.
         device: ``auto`` picks cuda when available.
         dtype: parameter dtype of every model and of the roofline matmul.
         threads: torch intra-op threads in every measurement (default: 1 on CPU, where a shared or
@@ -724,11 +708,6 @@ def bench(
     sizes = sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES)
     isolate = (not smoke) if isolate is None else isolate
     frameworks: list[str] = ["alignkit"]
-    patch_names = list(patches or [])
-    if patch_names:
-        if patch_names == ["all"]:
-            patch_names = list(_load_benchmarks_module("patches").PATCHES)
-        frameworks.append("alignkit+patches")
     messages: list[str] = []
     if "trl" in (compare or []):
         if trl_available():
@@ -739,8 +718,8 @@ def bench(
         print(f"[bench] {message}")
     report: dict[str, Any] = {"meta": environment(device, dtype, threads), "config": {
         "algorithms": algorithms, "sizes": [asdict(s) for s in sizes], "workload": asdict(workload), "steps": steps,
-        "warmup": warmup, "repeats": repeats, "frameworks": frameworks, "patches": patch_names, "isolate": isolate,
-        "deterministic": deterministic, "exact_memory": exact_memory},
+        "warmup": warmup, "repeats": repeats, "frameworks": frameworks, "group_by_length": group_by_length,
+        "isolate": isolate, "deterministic": deterministic, "exact_memory": exact_memory},
         "messages": messages, "results": []}
     report["roofline_peak"] = peak_roofline(device, dtype, budget_s=0.05 if smoke else 1.0, side=256 if smoke else None)
     root = Path(tempfile.mkdtemp(prefix="alignkit-bench-assets-"))
@@ -756,7 +735,7 @@ def bench(
                                 "device": device, "dtype": dtype, "threads": threads, "seed": seed + repeat,
                                 "deterministic": deterministic, "smoke": smoke,
                                 "mmap_threshold": 65536 if exact_memory else None,
-                                "patches": patch_names if framework == "alignkit+patches" else []}
+                                "group_by_length": group_by_length}
                         started = time.perf_counter()
                         result = measure(spec, isolate)
                         result["wall_s"] = time.perf_counter() - started
@@ -823,17 +802,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     keyed = {(r["size"], r["algorithm"], r["framework"]): r for r in rows if "error" not in r}
     for (size, algorithm, framework), theirs in keyed.items():
-        if framework == "alignkit" or framework.startswith("alignkit"):
+        ours = keyed.get((size, algorithm, "alignkit"))
+        if framework == "alignkit" or ours is None:
             continue
-        for ours_name in ("alignkit", "alignkit+patches"):
-            ours = keyed.get((size, algorithm, ours_name))
-            if ours is None:
-                continue
-            key = "iteration_tokens_per_s" if algorithm == "ppo" else "train_tokens_per_s"
-            ratio = lambda k: ours.get(k, 0.0) / theirs[k] if theirs.get(k) else float("nan")  # noqa: E731
-            out.append({"size": size, "algorithm": algorithm, "ours": ours_name, "theirs": framework, "metric": key,
-                        "speedup": ratio(key), "speedup_cpu": ratio(key + "_cpu"),
-                        "memory_ratio": ratio("peak_mem_mb")})
+        key = "iteration_tokens_per_s" if algorithm == "ppo" else "train_tokens_per_s"
+        ratio = lambda k: ours.get(k, 0.0) / theirs[k] if theirs.get(k) else float("nan")  # noqa: E731
+        out.append({"size": size, "algorithm": algorithm, "ours": "alignkit", "theirs": framework, "metric": key,
+                    "speedup": ratio(key), "speedup_cpu": ratio(key + "_cpu"), "memory_ratio": ratio("peak_mem_mb")})
     return out
 
 

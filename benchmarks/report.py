@@ -44,20 +44,30 @@ def ratios_table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(reports: list[dict]) -> str:
+    """Peak memory (MB above the post-import RSS) of alignkit and each other framework, and the ratio."""
+    lines = ["| size | stage | alignkit MB | other | other MB | alignkit ÷ other |", "|---|---|---:|---|---:|---:|"]
+    for report in reports:
+        rows = {(r["size"], r["algorithm"], r["framework"]): r for r in report["results"] if "error" not in r}
+        for q in report.get("ratios", []):
+            ours, theirs = rows[(q["size"], q["algorithm"], q["ours"])], rows[(q["size"], q["algorithm"], q["theirs"])]
+            lines.append(f"| {q['size']} | {q['algorithm']} | {_f(ours.get('peak_mem_mb'))} | {q['theirs']} | "
+                         f"{_f(theirs.get('peak_mem_mb'))} | {_f(q['memory_ratio'], 1, 2)}× |")
+    return "\n".join(lines)
+
+
 def phases_table(reports: list[dict]) -> str:
-    lines = ["| size | framework | step | generation | log-prob recompute | score | experience | update |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| size | framework | step | generation | score | experience | update |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for report in reports:
         for r in report["results"]:
             if r.get("algorithm") != "ppo" or "error" in r:
                 continue
             p = {k: v * 1e3 for k, v in r.get("phases_cpu_s", {}).items()}
-            generation = p.get("rollout", 0.0) - p.get("rollout_logprobs", 0.0)
             experience = p.get("experience", p.get("rollout+score+experience", 0.0) - p.get("rollout", 0.0)
                                - p.get("score", 0.0))
-            lines.append(f"| {r['size']} | {r['framework']} | {_f(p.get('step'))} | {_f(generation)} | "
-                         f"{_f(p.get('rollout_logprobs'))} | {_f(p.get('score'))} | {_f(experience)} | "
-                         f"{_f(p.get('update'))} |")
+            lines.append(f"| {r['size']} | {r['framework']} | {_f(p.get('step'))} | {_f(p.get('rollout'))} | "
+                         f"{_f(p.get('score'))} | {_f(experience)} | {_f(p.get('update'))} |")
     return "\n".join(lines)
 
 
@@ -66,9 +76,13 @@ def main(paths: list[str]) -> None:
     meta = reports[0]["meta"]
     print(f"{meta['date']}: torch {meta['torch']}, transformers {meta['transformers']}, lightning {meta['lightning']}, "
           f"trl {meta.get('trl', '–')}; {meta['device']} {meta['dtype']}, {meta['threads']} thread(s) of "
-          f"{meta['cpu_count']} CPUs; medians of {reports[0]['config']['repeats']} interleaved repeats\n")
+          f"{meta['cpu_count']} CPUs; medians of {reports[0]['config']['repeats']} interleaved repeats; "
+          f"group_by_length={reports[0]['config'].get('group_by_length')}, "
+          f"exact_memory={reports[0]['config'].get('exact_memory')}\n")
     print(results_table(reports), "\n")
     print(ratios_table(reports), "\n")
+    print("Peak memory (MB above the post-import RSS):\n")
+    print(memory_table(reports), "\n")
     print("Online step phases (CPU ms, medians):\n")
     print(phases_table(reports))
 

@@ -15,7 +15,13 @@ ppo        ``RLOOTrainer``              ``B`` completions per iteration (``B/2``
 Both sides: float32 weights and compute (TRL defaults to bf16 autocast and gradient checkpointing; both are
 switched off here, since alignkit runs neither unless asked), no evaluation, no checkpoints, no logging
 (``report_to="none"``, logging interval beyond the run), the same batch size, ``max_length`` and seed, one
-dataloader process. Data: the sentiment task's synthetic preference pairs written by
+dataloader process. With ``spec["group_by_length"]`` (``alignkit bench --group_by_length``, default true) the
+SFT, RM and DPO trainers sample with ``train_sampling_strategy="group_by_length"`` (transformers'
+``LengthGroupedSampler``), as alignkit's data modules do with their ``group_by_length``; RM and DPO rows have
+no ``input_ids`` for that sampler to measure, so a ``length`` column (prompt + longer response, from the
+trainer's own token ids) is added to the prepared data set and kept with ``remove_unused_columns=False``
+(the collators read only their own keys). RLOO's prompt sampler (``RepeatSampler``) has no length grouping.
+Data: the sentiment task's synthetic preference pairs written by
 :func:`alignkit.bench.prepare_assets`; TRL concatenates prompt and completion *text*, so completions get a
 leading space, which gives exactly the token ids alignkit builds from the separately encoded prompt and
 response (the tiny tokenizer's Metaspace pre-tokeniser starts every word with ``▁``).
@@ -69,6 +75,9 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                   report_to="none", logging_steps=10 ** 9, save_strategy="no", eval_strategy="no", bf16=False,
                   fp16=False, gradient_checkpointing=False, use_cpu=not device.startswith("cuda"), disable_tqdm=True,
                   seed=spec["seed"], dataloader_num_workers=0)
+    grouped = bool(spec.get("group_by_length")) and algorithm != "ppo"
+    if grouped:
+        common.update(train_sampling_strategy="group_by_length", remove_unused_columns=algorithm == "sft")
     rm_shape = None
     if algorithm == "dpo":
         model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
@@ -104,6 +113,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         _instrument_rloo(trainer, recorder)
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
+    if grouped and algorithm in ("rm", "dpo"):
+        _add_length_column(trainer)
     if algorithm != "ppo":
         _instrument_offline(trainer, recorder)
 
@@ -129,6 +140,16 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
               "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                                 else trainer.optimizer).__name__}
     return finish_result(spec, result, shape, rm_shape)
+
+
+def _add_length_column(trainer) -> None:
+    """A ``length`` column (the trainer's ``length_column_name``) for ``LengthGroupedSampler``: the tokens a pair
+    pads its batch to, prompt + the longer response, from the token ids the trainer prepared."""
+    def length(row: dict[str, Any]) -> dict[str, int]:
+        longer = max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        return {trainer.args.length_column_name: len(row.get("prompt_ids") or []) + longer}
+
+    trainer.train_dataset = trainer.train_dataset.map(length)
 
 
 def _instrument_offline(trainer, recorder) -> None:
@@ -180,9 +201,9 @@ if __name__ == "__main__":
     from alignkit.bench import bench
 
     def main(algorithms: list[str] = ["dpo", "rm", "ppo"], repeats: int = 3, steps: int = 5, warmup: int = 2,
-             patches: list[str] | None = None, output: str | None = None, smoke: bool = False) -> None:
+             group_by_length: bool = True, output: str | None = None, smoke: bool = False) -> None:
         """alignkit vs TRL on DPO, reward modelling and online RL (interleaved repeats, medians)."""
-        bench(algorithms=algorithms, repeats=repeats, steps=steps, warmup=warmup, compare=["trl"], patches=patches,
-              output=output, smoke=smoke)
+        bench(algorithms=algorithms, repeats=repeats, steps=steps, warmup=warmup, compare=["trl"],
+              group_by_length=group_by_length, output=output, smoke=smoke)
 
     CLI(main)

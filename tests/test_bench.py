@@ -45,9 +45,53 @@ def test_bench_is_a_typed_command(tmp_path, monkeypatch):
     monkeypatch.setitem(commands.COMMANDS, "bench", recorder)
     commands.run("bench", ["--smoke=true", "--algorithms=[dpo, ppo]", "--sizes=[{name: s, hidden_size: 32, "
                            "num_layers: 2, num_heads: 2, intermediate_size: 64}]", "--workload.batch_size=8",
-                           "--compare=[trl]", f"--output={tmp_path / 'x.json'}"])
+                           "--compare=[trl]", "--group_by_length=false", f"--output={tmp_path / 'x.json'}"])
     assert calls["algorithms"] == ["dpo", "ppo"] and calls["sizes"] == [ModelSize("s", 32, 2, 2, 64)]
     assert calls["workload"] == Workload(batch_size=8) and calls["compare"] == ["trl"] and calls["smoke"] is True
+    assert calls["group_by_length"] is False
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_group_by_length_reaches_the_data_module(tmp_path, monkeypatch, grouped):
+    """``--group_by_length`` (default true) is the data module's own option, not a benchmark-only path."""
+    import alignkit.data
+
+    seen: list[bool] = []
+
+    class Recording(alignkit.data.SFTData):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["group_by_length"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(alignkit.data, "SFTData", Recording)
+    options = {} if grouped else {"group_by_length": False}
+    report = bench(smoke=True, algorithms=["sft"], output=str(tmp_path / "b.json"), **options)
+    assert seen == [grouped] and report["config"]["group_by_length"] is grouped
+    assert "error" not in report["results"][0]
+
+
+def test_trl_side_groups_preference_pairs_by_length(tmp_path, monkeypatch):
+    """TRL's RM and DPO trainers get ``LengthGroupedSampler`` with every pair's padded length (prompt + the
+    longer response): its ``input_ids`` fallback does not exist for pairs, and the ``length`` column must survive
+    the trainer's column pruning."""
+    pytest.importorskip("trl")
+    import transformers.trainer
+
+    recorded: list = []
+
+    class Recording(transformers.trainer.LengthGroupedSampler):
+        def __init__(self, batch_size, dataset=None, lengths=None, **kwargs):
+            assert lengths is not None
+            recorded.append((dataset, list(lengths)))
+            super().__init__(batch_size, dataset=dataset, lengths=lengths, **kwargs)
+
+    monkeypatch.setattr(transformers.trainer, "LengthGroupedSampler", Recording)
+    report = bench(smoke=True, algorithms=["rm", "dpo"], compare=["trl"], output=str(tmp_path / "b.json"))
+    assert all("error" not in r for r in report["results"]), [r.get("error") for r in report["results"]]
+    assert len(recorded) == 2
+    for dataset, lengths in recorded:
+        expected = [len(r.get("prompt_ids") or []) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in dataset]
+        assert lengths == expected and len(set(lengths)) > 1
 
 
 def test_flop_formulas():
