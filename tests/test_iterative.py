@@ -32,6 +32,7 @@ from alignkit_plugins.iterative.rounds import (
     check_settings,
     fit_step_args,
     kl_reference,
+    label_records,
     policy_after,
     rm_start,
     round_metrics,
@@ -189,6 +190,13 @@ def test_judge_labeller_cancels_position_bias_and_drops_ties(tmp_path):
     # both orders: the 0.1 first-position bias cancels; the identical pair is a tie and is left out
     assert [(p["chosen"], p["p_chosen"]) for p in pairs] == [(GOOD[0], pytest.approx(0.9)),
                                                               (GOOD[1], pytest.approx(0.9))]
+    # the judge's probability is the reward model's soft target, and survives into the label rows
+    assert [p["soft_label"] for p in pairs] == [pytest.approx(0.9)] * 2
+    rows = label_records(pairs, TASK, 1, "JudgeLabeller")
+    assert [r["soft_label"] for r in rows] == [pytest.approx(0.9)] * 2
+    hard = JudgeLabeller(BiasedJudge(bias=0.0), soft_labels=False).label(PROMPTS, BAD, GOOD, context)
+    assert all("soft_label" not in p for p in hard)
+    assert all("soft_label" not in r for r in label_records(hard, TASK, 1, "JudgeLabeller"))
     assert judge.calls == ["be positive"] * 6
     one_order = JudgeLabeller(BiasedJudge(bias=0.1), both_orders=False).label(PROMPTS[:1], BAD[:1], GOOD[:1], context)
     assert one_order[0]["chosen"] == GOOD[0] and one_order[0]["p_chosen"] == pytest.approx(0.8)  # biased

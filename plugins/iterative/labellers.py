@@ -121,22 +121,26 @@ def judge_probability(judge: Judge, prompt: str, a: str, b: str, principle: Any,
 class JudgeLabeller(Labeller):
     """An AI judge labels the pairs (RLAIF / Constitutional AI feedback): ``a`` is chosen when the judge's
     P(a ≻ b) is above 0.5, ``b`` when below; exact ties carry no preference and are left out. The
-    probability of the chosen response is kept as ``p_chosen``."""
+    probability of the chosen response is kept as ``p_chosen`` and, with ``soft_labels``, as ``soft_label``,
+    the reward model's training target (soft Bradley–Terry)."""
 
-    def __init__(self, judge: Judge, principle: Any = DEFAULT_PRINCIPLE, both_orders: bool = True):
+    def __init__(self, judge: Judge, principle: Any = DEFAULT_PRINCIPLE, both_orders: bool = True,
+                 soft_labels: bool = True):
         """
         Args:
             judge: any object with ``compare(prompt, a, b, principle) -> float`` returning P(a ≻ b).
             principle: passed unchanged to ``judge.compare``: the principle's text, or the judge's own
                 principle object (e.g. a constitution's principle, given by ``class_path``/``init_args``).
             both_orders: ask the judge in both orders and average (removes position bias; twice the calls).
+            soft_labels: the reward model trains on the judge's probability (``soft_label``) instead of a
+                hard choice; the pairs DPO trains on are the same either way.
         """
         if not callable(getattr(judge, "compare", None)):
             raise TypeError(f"JudgeLabeller.judge must have a compare(prompt, a, b, principle) method; "
                             f"got {type(judge).__name__}")
         if principle is None or (isinstance(principle, str) and not principle.strip()):
             raise ValueError("JudgeLabeller.principle must not be empty")
-        self.judge, self.principle, self.both_orders = judge, principle, both_orders
+        self.judge, self.principle, self.both_orders, self.soft_labels = judge, principle, both_orders, soft_labels
 
     def label(self, prompts: list[str], responses_a: list[str], responses_b: list[str],
               context: LabelContext) -> list[Labelled]:
@@ -145,10 +149,14 @@ class JudgeLabeller(Labeller):
         for prompt, a, b in zip(prompts, responses_a, responses_b):
             p_a = judge_probability(self.judge, prompt, a, b, self.principle, self.both_orders)
             if p_a > 0.5:
-                pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "p_chosen": p_a})
+                pairs.append(self._pair(prompt, a, b, p_a))
             elif p_a < 0.5:
-                pairs.append({"prompt": prompt, "chosen": b, "rejected": a, "p_chosen": 1.0 - p_a})
+                pairs.append(self._pair(prompt, b, a, 1.0 - p_a))
         return pairs
+
+    def _pair(self, prompt: str, chosen: str, rejected: str, p_chosen: float) -> dict[str, Any]:
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "p_chosen": p_chosen}
+        return {**pair, "soft_label": p_chosen} if self.soft_labels else pair
 
 
 # ------------------------------------------------------------------------------------------ humans

@@ -170,7 +170,8 @@ def kl_reference(sft: str, index: int, kl_anchor: KLAnchor) -> str | None:
 
 def label_records(labelled: list[Labelled], task: Task, index: int, labeller: str) -> list[dict[str, Any]]:
     """Uniform JSON rows of labelled pairs: prompt, chosen, rejected, their gold rewards (from the task),
-    p_chosen (None when the labeller gives none), the round and the labeller's class name."""
+    p_chosen (None when the labeller gives none), the round and the labeller's class name, and ``soft_label``
+    (the reward model's target P(chosen ≻ rejected)) when the labeller gives one."""
     rows = []
     for i, item in enumerate(labelled):
         row = asdict(item) if isinstance(item, PreferencePair) else dict(item)
@@ -183,6 +184,7 @@ def label_records(labelled: list[Labelled], task: Task, index: int, labeller: st
             "gold_chosen": task.gold_reward(row["prompt"], row["chosen"]),
             "gold_rejected": task.gold_reward(row["prompt"], row["rejected"]),
             "p_chosen": None if p is None else float(p), "round": index, "labeller": labeller,
+            **({"soft_label": float(row["soft_label"])} if row.get("soft_label") is not None else {}),
         })
     return rows
 
