@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUIET, RM_RECIPE, SFT_RECIPE, TINY_MODEL, run_cli
+from conftest import QUIET, RECIPES, RM_RECIPE, SFT_RECIPE, TINY_MODEL, run_cli
 
 import alignkit.cli  # noqa: F401  (imported before any test captures output: lightning's log handler binds it)
 
@@ -154,3 +154,22 @@ def test_pipeline_runs_then_skips_finished_stages(tmp_path, capsys):
     for stage in ("sft", "collect", "rm"):
         assert f"[pipeline] {stage}: already finished" in out
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
+
+
+def test_reverse_rlvr_recipe_runs_end_to_end(tmp_path, capsys):
+    """The verifiable-reward pipeline (SFT → PPO on the task's checker → eval), shrunk to a few steps."""
+    recipe = yaml.safe_load((RECIPES / "reverse_rlvr.yaml").read_text())
+    for stage in recipe["stages"]:
+        if "recipe" in stage:
+            stage["recipe"] = str(RECIPES / stage["recipe"])
+            stage["args"] = [*stage["args"], *TINY_MODEL, "--trainer.max_steps=3", "--trainer.max_epochs=1"]
+    recipe["stages"][-1]["args"].append("--num_prompts=8")
+    recipe["set"] = QUIET
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    run_cli(["pipeline", "--config", config, "--run_dir", tmp_path / "runs"])
+    summary = read_json(tmp_path / "runs" / "eval" / "metrics.json")
+    assert set(summary["policies"]) == {"sft", "ppo"}
+    assert read_json(tmp_path / "runs" / "ppo" / "metrics.json")["algorithm"] == "PPO"
+    sft_config = yaml.safe_load((tmp_path / "runs" / "sft" / "config.yaml").read_text())
+    assert sft_config["data"]["init_args"]["task"]["class_path"] == "alignkit_plugins.tasks.ReverseTask"
