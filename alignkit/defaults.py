@@ -14,12 +14,26 @@ from alignkit.types import PromptBatch, Rollout
 def full_parameters(module) -> Iterator[None]:
     """Make the policy's full weights available on every rank for generation.
 
-    Under DeepSpeed ZeRO-3 the parameters are sharded, so they are gathered with ``GatheredParameters`` (read
-    only). DDP, ZeRO-1/2 and single-device runs hold full weights already; online algorithms refuse FSDP (see
-    ``AlignModule.setup``). The ZeRO-3 path needs a GPU and has not been exercised.
+    Under FSDP2 (``ModelParallelStrategy``) every shard unit is gathered once and kept whole for the whole
+    decoding loop (not re-gathered at each decoding step); under DeepSpeed ZeRO-3 the parameters are gathered
+    with ``GatheredParameters`` (read only; needs a GPU, not exercised). DDP, ZeRO-1/2 and single-device runs
+    hold full weights already; online algorithms refuse FSDP1's ``FSDPStrategy`` (see ``AlignModule.setup``).
     """
+    from torch.distributed.fsdp import FSDPModule
+
     strategy = type(module.trainer.strategy).__name__ if module._trainer is not None else ""
-    if strategy == "DeepSpeedStrategy" and module.trainer.strategy.config.get("zero_optimization", {}).get("stage") == 3:
+    if isinstance(module.policy, FSDPModule):  # FSDP2: gather every unit once, keep it whole while decoding
+        units = [m for m in module.policy.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.unshard()
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_reshard_after_forward(True, recurse=False)
+                unit.reshard()
+    elif strategy == "DeepSpeedStrategy" and module.trainer.strategy.config.get("zero_optimization", {}).get("stage") == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.policy.parameters()), modifier_rank=None):
@@ -30,12 +44,20 @@ def full_parameters(module) -> Iterator[None]:
 
 def full_state_dict(module) -> dict | None:
     """The policy's full weights for export, gathered from every rank when the strategy shards them (FSDP,
-    DeepSpeed ZeRO-3): a collective, so every rank calls it; rank 0 receives the weights (on the CPU) and the
+    FSDP2, DeepSpeed ZeRO-3): a collective, so every rank calls it; rank 0 receives the weights (on the CPU) and the
     other ranks ``{}``. ``None`` when the policy already holds its full weights (single device, DDP, ZeRO-1/2).
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
     strategy = type(module.trainer.strategy).__name__ if module._trainer is not None else ""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module.policy, FSDPModule):  # FSDP2 (ModelParallelStrategy)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        offload = module.device.type != "cpu"
+        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+        return {} if offload and not module.trainer.is_global_zero else state
     if module._trainer is not None and isinstance(module.trainer.strategy, FSDPStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

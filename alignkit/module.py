@@ -19,9 +19,10 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from alignkit.checkpoint import rng_states, set_rng_states
@@ -116,7 +117,7 @@ class AlignModule(L.LightningModule):
         if self.algorithm.online and isinstance(self.trainer.strategy, FSDPStrategy):
             raise PluginError(f"algorithm {type(self.algorithm).__name__} updates the policy inside its training step, "
                               "which Lightning's FSDPStrategy does not support (backward during the FSDP forward); use "
-                              "trainer.strategy=ddp or deepspeed_stage_2")
+                              "ModelParallelStrategy (FSDP2, recipes/gpu/ppo_fsdp2.yaml), ddp or deepspeed_stage_2")
         data = getattr(self.trainer, "datamodule", None)
         kind = getattr(data, "kind", None)
         if kind and kind != self.algorithm.data_kind:
@@ -124,6 +125,31 @@ class AlignModule(L.LightningModule):
                               f"data is {type(data).__name__} ({kind}); choose a matching data class_path")
 
     # ------------------------------------------------------------------------------------------ models
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, shard what trains with FSDP2 (``fully_shard``) over the
+        data-parallel mesh: each decoder layer of the policy (its ``_no_split_modules`` classes), then the policy
+        itself, and each submodule of the algorithm that trains (e.g. a value head or a separate critic). The
+        frozen reference and reward models stay whole on every rank. Other strategies: nothing to do."""
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.policy, FSDPModule):
+            return  # already sharded (configure_model runs again for a later fit/validate)
+        mesh = self.device_mesh["data_parallel"]
+        units = tuple(getattr(self.policy, "_no_split_modules", None) or ())
+        for module in self.policy.modules():
+            if type(module).__name__ in units:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.policy, mesh=mesh)
+        for name, child in self.algorithm.named_children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mesh=mesh)
+        plain = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        if plain:
+            raise PluginError(f"under ModelParallelStrategy every trained parameter must live in a submodule that "
+                              f"can be sharded; not sharded: {', '.join(plain[:3])}")
+
     def _build_reference(self, config: ModelConfig | None) -> nn.Module | None:
         if config is None and self.policy_config.lora is not None:
             return None  # the policy with adapters disabled is the reference: no second copy

@@ -1,4 +1,4 @@
-"""DDP and FSDP with 2 processes on CPU (gloo) match a 1-process run with the same global batch.
+"""DDP, FSDP and FSDP2 with 2 processes on CPU (gloo) match a 1-process run with the same global batch.
 
 Both runs see the same global batches (no shuffling: rank r takes rows r, r+2, ...). We compare what
 the trained models compute — token log-probs (policies) or scores (reward models) on fixed texts — as
@@ -113,17 +113,21 @@ CASES = {
 }
 
 
-STRATEGIES = [*((name, "ddp") for name in CASES), ("sft", "fsdp"), ("dpo", "fsdp")]
+#: FSDP2 (``fully_shard`` per decoder layer, the policy, the value head) through Lightning's ModelParallelStrategy.
+FSDP2 = ("--trainer.strategy={class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: "
+         "{data_parallel_size: 2, tensor_parallel_size: 1, save_distributed_checkpoint: false, process_group_backend: gloo}}")
+STRATEGIES = [*((name, "ddp") for name in CASES), ("sft", "fsdp"), ("dpo", "fsdp"), ("sft", "fsdp2"), ("ppo", "fsdp2")]
 
 
 @pytest.mark.parametrize(("name", "strategy"), STRATEGIES)
 def test_two_processes_match_one_process(name, strategy, inputs, tmp_path):
-    """DDP, and FSDP FULL_SHARD (whose final export gathers the sharded weights), against one process."""
+    """DDP, FSDP FULL_SHARD and FSDP2 (whose final exports gather the sharded weights) against one process. PPO
+    under FSDP2 also generates with the gathered policy and trains a sharded value head."""
     args, (algorithm, policy) = CASES[name][0](inputs), CASES[name][1](inputs)
     initial, tokenizer = initial_model(algorithm, policy)
     single = fit(tmp_path / "single", devices=1, batch_size=8, args=args)
     ddp = fit(tmp_path / strategy, devices=2, batch_size=4, args=args,
-              strategy=FSDP if strategy == "fsdp" else "--trainer.strategy=ddp")
+              strategy={"fsdp": FSDP, "fsdp2": FSDP2, "ddp": "--trainer.strategy=ddp"}[strategy])
     texts = [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"] for line in open(inputs["prefs"])][:8]
     f0 = outputs(initial, tokenizer, texts)
     f1, f2 = (outputs(load(path, algorithm.model_head), tokenizer, texts) for path in (single, ddp))
@@ -142,4 +146,4 @@ def test_online_algorithms_refuse_fsdp_with_one_line(inputs, tmp_path):
                           text=True, timeout=300)
     assert done.returncode != 0
     error = [line for line in done.stderr.splitlines() if line.startswith("alignkit: error:")]
-    assert len(error) == 1 and "FSDPStrategy" in error[0] and "trainer.strategy=ddp" in error[0], done.stderr[-2000:]
+    assert len(error) == 1 and "FSDPStrategy" in error[0] and "ModelParallelStrategy" in error[0], done.stderr[-2000:]
