@@ -136,6 +136,9 @@ class AlignModule(L.LightningModule):
 
         if isinstance(self.policy, FSDPModule):
             return  # already sharded (configure_model runs again for a later fit/validate)
+        # The strategy loads a resumed checkpoint into the sharded model itself, before `on_load_checkpoint` can
+        # add the frozen models' weights that checkpoints leave out (they are rebuilt from their sources).
+        self.strict_loading = not any(k.startswith(self.FROZEN_PREFIXES) for k in self.state_dict())
         mesh = self.device_mesh["data_parallel"]
         units = tuple(getattr(self.policy, "_no_split_modules", None) or ())
         for module in self.policy.modules():
@@ -413,8 +416,9 @@ class AlignModule(L.LightningModule):
                                   "rng": rng_states(self.owned_generators())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self.FROZEN_PREFIXES)}
-        checkpoint["state_dict"] = {**checkpoint["state_dict"], **frozen}
+        if "state_dict" in checkpoint:  # (a model-parallel strategy has already loaded the weights itself)
+            frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self.FROZEN_PREFIXES)}
+            checkpoint["state_dict"] = {**checkpoint["state_dict"], **frozen}
         state = checkpoint.get("alignkit", {})
         if "reward_moments" in state:
             self.reward_moments.load_state_dict(state["reward_moments"])

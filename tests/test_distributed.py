@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,29 @@ def test_online_algorithms_refuse_fsdp_with_one_line(inputs, tmp_path):
     assert done.returncode != 0
     error = [line for line in done.stderr.splitlines() if line.startswith("alignkit: error:")]
     assert len(error) == 1 and "FSDPStrategy" in error[0] and "ModelParallelStrategy" in error[0], done.stderr[-2000:]
+
+
+def test_fsdp2_ppo_resumes_to_the_same_result(inputs, tmp_path):
+    """PPO under FSDP2 stopped after its step-2 checkpoint and resumed ends bit-for-bit like an uninterrupted
+    run: sharded policy and value head, optimiser state, RNG and data position all come back."""
+    from safetensors.torch import load_file
+
+    args = [*CASES["ppo"][0](inputs), "--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.devices=2",
+            "--trainer.limit_val_batches=0", "--data.init_args.batch_size=4", "--data.init_args.shuffle=false",
+            "--trainer.deterministic=true", "--checkpoint_every=2", FSDP2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+    def run(run_dir: Path, steps: int, *extra: str) -> None:
+        command = [sys.executable, "-m", "alignkit.cli", "fit", *args, f"--trainer.max_steps={steps}",
+                   "--run_dir", str(run_dir), *extra]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run(tmp_path / "reference", 4)
+    run(tmp_path / "resumed", 2)
+    (tmp_path / "resumed" / "metrics.json").unlink()  # as if it had stopped after its step-2 checkpoint
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    run(tmp_path / "resumed", 4, "--resume", "true")
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("reference", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "resumed" / "completions.jsonl").read_text() == (tmp_path / "reference" / "completions.jsonl").read_text()
