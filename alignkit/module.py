@@ -144,6 +144,10 @@ class AlignModule(L.LightningModule):
         for module in self.policy.modules():
             if type(module).__name__ in units:
                 fully_shard(module, mesh=mesh)
+        head = getattr(self.policy, "score", None)
+        if isinstance(head, nn.Module):  # `sequence_scores` calls a classifier's backbone and head directly
+            fully_shard(getattr(self.policy, self.policy.base_model_prefix), mesh=mesh)
+            fully_shard(head, mesh=mesh)
         fully_shard(self.policy, mesh=mesh)
         for name, child in self.algorithm.named_children():
             if any(p.requires_grad for p in child.parameters()):
