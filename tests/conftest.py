@@ -99,6 +99,15 @@ def preference_rows(n: int = 48) -> list[dict]:
     return rows
 
 
+def make_data(cls, tokenizer, **kwargs):
+    """A data module with its tokenizer attached and its examples built (no validation split by default)."""
+    kwargs.setdefault("val_fraction", 0.0)
+    data = cls(**kwargs)
+    data.attach(tokenizer)
+    data.setup()
+    return data
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

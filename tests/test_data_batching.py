@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import preference_rows, write_jsonl
+from conftest import make_data as module, preference_rows, write_jsonl
 from torch.utils.data import DistributedSampler
 
 from alignkit.data import PreferenceData, PromptData, SFTData
@@ -159,14 +159,6 @@ def test_two_ranks_get_disjoint_equal_shares_of_the_same_global_batches(rows):
 
 MIXED_SFT = [{"prompt": "review : the " + " and the ".join(["pizza"] * (1 + i % 3)),
               "response": " ".join(["the pizza was great"] * (1 + (i * 7) % 9))} for i in range(96)]
-
-
-def module(cls, tok, **kwargs):
-    kwargs.setdefault("val_fraction", 0.0)
-    data = cls(**kwargs)
-    data.attach(tok)
-    data.setup()
-    return data
 
 
 def loader_padding(data) -> float:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import make_data as make, write_jsonl
 
 from alignkit.data import DataError, PreferenceData, PromptData, SFTData
 from alignkit.data.formats import (
@@ -33,15 +33,6 @@ def ids(tok, text: str) -> list[int]:
 def chat_ids(tok, chat, generation_prompt: bool) -> list[int]:
     out = tok.apply_chat_template(chat, add_generation_prompt=generation_prompt, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def make(cls, tok, **kwargs):
-    """A data module with its tokenizer attached and its examples built (no validation split)."""
-    kwargs.setdefault("val_fraction", 0.0)
-    data = cls(**kwargs)
-    data.attach(tok)
-    data.setup()
-    return data
 
 
 # ------------------------------------------------------------------------------------------ SFT formats
