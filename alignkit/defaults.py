@@ -10,6 +10,12 @@ from alignkit.plugin import hookimpl
 from alignkit.types import PromptBatch, Rollout
 
 
+def zero3(module) -> bool:
+    """Whether ``module`` trains under DeepSpeed ZeRO stage 3 (parameters sharded over the ranks)."""
+    strategy = module.trainer.strategy if module._trainer is not None else None
+    return type(strategy).__name__ == "DeepSpeedStrategy" and strategy.config.get("zero_optimization", {}).get("stage") == 3
+
+
 @contextmanager
 def full_parameters(module) -> Iterator[None]:
     """Make the policy's full weights available on every rank for generation.
@@ -21,7 +27,6 @@ def full_parameters(module) -> Iterator[None]:
     """
     from torch.distributed.fsdp import FSDPModule
 
-    strategy = type(module.trainer.strategy).__name__ if module._trainer is not None else ""
     if isinstance(module.policy, FSDPModule):  # FSDP2: gather every unit once, keep it whole while decoding
         units = [m for m in module.policy.modules() if isinstance(m, FSDPModule)]
         for unit in units:
@@ -33,7 +38,7 @@ def full_parameters(module) -> Iterator[None]:
             for unit in units:
                 unit.set_reshard_after_forward(True, recurse=False)
                 unit.reshard()
-    elif strategy == "DeepSpeedStrategy" and module.trainer.strategy.config.get("zero_optimization", {}).get("stage") == 3:
+    elif zero3(module):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.policy.parameters()), modifier_rank=None):
@@ -44,30 +49,18 @@ def full_parameters(module) -> Iterator[None]:
 
 def full_state_dict(module) -> dict | None:
     """The policy's full weights for export, gathered from every rank when the strategy shards them (FSDP,
-    FSDP2, DeepSpeed ZeRO-3): a collective, so every rank calls it; rank 0 receives the weights (on the CPU) and the
-    other ranks ``{}``. ``None`` when the policy already holds its full weights (single device, DDP, ZeRO-1/2).
+    FSDP2, DeepSpeed ZeRO-3): a collective, so every rank calls it; rank 0 receives the weights (on the CPU off
+    a GPU) and the other ranks ``{}``. ``None`` when the policy already holds its full weights (single device,
+    DDP, ZeRO-1/2).
     """
     from lightning.pytorch.strategies import FSDPStrategy
-
-    strategy = type(module.trainer.strategy).__name__ if module._trainer is not None else ""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(module.policy, FSDPModule):  # FSDP2 (ModelParallelStrategy)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        offload = module.device.type != "cpu"
-        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-        return {} if offload and not module.trainer.is_global_zero else state
-    if module._trainer is not None and isinstance(module.trainer.strategy, FSDPStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        offload = module.device.type != "cpu"  # with offloading, only rank 0 holds the full copy
-        state = get_model_state_dict(module.trainer.strategy.model,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-        if offload and not module.trainer.is_global_zero:
-            return {}
-        return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-    if strategy == "DeepSpeedStrategy" and module.trainer.strategy.config.get("zero_optimization", {}).get("stage") == 3:
+    if isinstance(module.policy, FSDPModule):  # FSDP2: the policy is its own root
+        return _gather_full(module, module.policy, prefix="")
+    if module._trainer is not None and isinstance(module.trainer.strategy, FSDPStrategy):  # FSDP1 wraps the host
+        return _gather_full(module, module.trainer.strategy.model, prefix="policy.")
+    if zero3(module):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.policy.parameters()), modifier_rank=None):
@@ -75,6 +68,17 @@ def full_state_dict(module) -> dict | None:
                 return {}
             return {k: v.detach().cpu().clone() for k, v in module.policy.state_dict().items()}
     return None
+
+
+def _gather_full(module, root, prefix: str) -> dict:
+    """``root``'s full state dict from ``torch.distributed.checkpoint``, its ``prefix`` keys without the prefix."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    offload = module.device.type != "cpu"  # with offloading, only rank 0 receives the full copy
+    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+    if offload and not module.trainer.is_global_zero:
+        return {}
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 class DefaultRollout:

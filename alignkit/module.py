@@ -149,7 +149,7 @@ class AlignModule(L.LightningModule):
             fully_shard(getattr(self.policy, self.policy.base_model_prefix), mesh=mesh)
             fully_shard(head, mesh=mesh)
         fully_shard(self.policy, mesh=mesh)
-        for name, child in self.algorithm.named_children():
+        for child in self.algorithm.children():
             if any(p.requires_grad for p in child.parameters()):
                 fully_shard(child, mesh=mesh)
         plain = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
@@ -187,15 +187,12 @@ class AlignModule(L.LightningModule):
         ``state_dict``: the policy's full weights when a sharded strategy holds them spread over the ranks
         (:func:`alignkit.defaults.full_state_dict`, gathered before rank 0 calls this)."""
         model = self.policy
-        if state_dict is not None:
-            if hasattr(model, "merge_and_unload"):
+        if hasattr(model, "merge_and_unload"):
+            if state_dict is not None:
                 raise PluginError("exporting a LoRA policy trained under FSDP/ZeRO-3 is not supported yet: train "
                                   "LoRA with DDP, or the full model when sharding")
-            model.save_pretrained(path, state_dict=state_dict)
-        else:
-            if hasattr(model, "merge_and_unload"):
-                model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(path)
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
 
     # ------------------------------------------------------------------------------------------ optimisation

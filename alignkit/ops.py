@@ -98,3 +98,10 @@ def accepts_argument(model: torch.nn.Module, argument: str) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return argument in inspect.signature(base.forward).parameters
+
+
+def last_logits(model: torch.nn.Module, count: int) -> dict[str, int]:
+    """Forward keyword arguments that make a causal LM compute logits at its last ``count`` positions only
+    (``logits_to_keep``); ``{}`` for a model without the option, which returns every position's logits.
+    Callers slice from the end, or read how many columns came back from ``logits.shape[1]``."""
+    return {"logits_to_keep": count} if accepts_argument(model, "logits_to_keep") else {}

@@ -91,9 +91,7 @@ def response_logprobs(model: torch.nn.Module, sequences: Tensor, attention_mask:
     if prompt_length < 1:
         raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
     response_length = sequences.shape[1] - prompt_length
-    kwargs = {}
-    if ops.accepts_argument(model, "logits_to_keep"):  # only the logits that predict response tokens
-        kwargs["logits_to_keep"] = response_length + 1
+    kwargs = ops.last_logits(model, response_length + 1)  # only the logits that predict response tokens
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
     logits = logits[:, -(response_length + 1):-1]  # (B, R, V): position t predicts token t + 1
@@ -177,7 +175,7 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
     model.eval()
     try:
         mask = attention_mask.long()
-        kwargs = {"logits_to_keep": 1} if ops.accepts_argument(model, "logits_to_keep") else {}
+        kwargs = ops.last_logits(model, 1)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                     use_cache=True, **kwargs)
         response = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -87,7 +87,7 @@ def atomic_save_model(module, target: Path, state_dict: dict | None = None) -> N
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        module.export(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
+        module.export(str(tmp), state_dict)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             os.replace(target, old)

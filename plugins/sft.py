@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.ops import accepts_argument, first_target_column
+from alignkit.ops import first_target_column, last_logits
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, SFTBatch
 
@@ -57,11 +57,11 @@ class SFT(Algorithm):
         # The LM head runs only from the column before the batch's first labelled token: the logits of the
         # prompt columns every row shares carry no target (at a 32k vocabulary the LM head is most of the work).
         T = batch.input_ids.shape[1]
-        keep = T - first_target_column(batch.labels != IGNORE) + 1 if accepts_argument(module.policy, "logits_to_keep") else T
-        extra = {"logits_to_keep": keep} if keep < T else {}
+        extra = last_logits(module.policy, T - first_target_column(batch.labels != IGNORE) + 1)
         logits = module.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False, **extra).logits  # (B, keep, V)
+                               position_ids=batch.position_ids, use_cache=False, **extra).logits  # (B, T - start, V)
+        start = T - logits.shape[1]  # the first column with logits
         tokens = module.reduce_mean((batch.labels[:, 1:] != IGNORE).sum())  # global token mean under DDP
-        loss, count = sft_loss(logits, batch.labels[:, T - keep:], self.label_smoothing, tokens)
+        loss, count = sft_loss(logits, batch.labels[:, start:], self.label_smoothing, tokens)
         return LossOutput(loss, {"tokens/trained": count.detach().float(),
                                  "ppl": torch.exp(loss.detach().clamp(max=20))})

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.manager import PluginError
-from alignkit.ops import accepts_argument, first_target_column, token_logprobs
+from alignkit.ops import first_target_column, last_logits, token_logprobs
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
 from alignkit_plugins.dpo.losses import DPOVariant, dpo_loss, sequence_logps
@@ -41,12 +41,11 @@ def concatenated_logps(model: nn.Module, batch: PreferenceBatch, length_normaliz
     # Logits only from the column before the batch's first response token (``logits_to_keep``): the prompt
     # columns every row shares carry no target, and at a real vocabulary the LM head dominates the step.
     T = batch.input_ids.shape[1]
-    keep = T - first_target_column(batch.loss_mask) + 1 if accepts_argument(model, "logits_to_keep") else T
-    extra = {"logits_to_keep": keep} if keep < T else {}
+    extra = last_logits(model, T - first_target_column(batch.loss_mask) + 1)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   **extra).logits  # (2B, keep, V): columns T-keep .. T-1
-    start = T - keep
-    token_logps = token_logprobs(logits[:, :-1], batch.input_ids[:, start + 1:])  # (2B, keep-1)
+                   **extra).logits  # (2B, T - start, V): columns start .. T-1
+    start = T - logits.shape[1]
+    token_logps = token_logprobs(logits[:, :-1], batch.input_ids[:, start + 1:])  # (2B, T - start - 1)
     logps = sequence_logps(token_logps, batch.loss_mask[:, start + 1:], length_normalize)  # (2B,)
     pairs = batch.num_pairs
     return logps[:pairs], logps[pairs:]

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from alignkit.ops import accepts_argument, entropy_from_logits, masked_mean, token_logprobs
+from alignkit.ops import entropy_from_logits, last_logits, masked_mean, token_logprobs
 from alignkit.plugin import OnlineAlgorithm, hookimpl
 from alignkit.rollout import SamplingConfig, position_ids_from_mask, response_logprobs
 from alignkit.types import LossOutput, Rollout, TensorRecord
@@ -89,7 +89,7 @@ def policy_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, 
     state at those positions ``(B, R, H)`` when asked (for a value head). The LM head runs on the last
     ``R + 1`` positions only when the model allows it; hidden states always cover every position."""
     R = sequences.shape[1] - prompt_length
-    kwargs = {"logits_to_keep": R + 1} if accepts_argument(model, "logits_to_keep") else {}
+    kwargs = last_logits(model, R + 1)
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False, output_hidden_states=need_hidden, **kwargs)
     logits = out.logits[:, -(R + 1):-1]  # position t predicts token t + 1
