@@ -24,6 +24,7 @@ embedding, plus the LM head's ``V·H`` when it is tied to the embedding (a rewar
     training           3·F                          (forward + backward = 2·forward)
     SFT, RM            3·F(batch)
     DPO                3·F(2B rows) + F(2B rows)    (+ the reference forward when it is live)
+                       (RM and DPO with ``shared_prompt``: F over the B shared-prompt rows, each prompt once)
     PPO / RLOO         F(prompts) + F(generated) + F_policy(seq) + F_ref(seq) + F_rm(seq) + E·3·F(seq)
 
 The PPO count is the work the algorithm needs: generation, one policy forward for log π_old and the
@@ -332,9 +333,17 @@ def _batch_tokens(batch) -> tuple[float, float, float]:
     return float(mask.sum()), float(mask.numel()), float(mask.shape[1])
 
 
+def _shared_prompt_tokens(batch) -> tuple[float, float]:
+    """(real tokens, padded length) of a preference batch in the shared-prompt layout (``alignkit.pairs``)."""
+    from alignkit.pairs import PAD, share_prompts
+
+    segment = share_prompts(batch).segment
+    return float((segment != PAD).sum()), float(segment.shape[1])
+
+
 # ============================================================================================ alignkit runner
 
-def _lightning_callback(recorder: StepRecorder):
+def _lightning_callback(recorder: StepRecorder, shared_prompt: bool = False):
     import lightning as L
 
     class Timer(L.Callback):
@@ -347,6 +356,10 @@ def _lightning_callback(recorder: StepRecorder):
                 recorder.add("tokens/real", real)
                 recorder.add("tokens/padded", padded)
                 recorder.add("tokens/length", length)
+                if shared_prompt:  # the tokens the model runs (FLOPs); throughput still counts the pairs' tokens
+                    real, length = _shared_prompt_tokens(batch)
+                    recorder.add("tokens/computed", real)
+                    recorder.add("tokens/computed_length", length)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             recorder.end_step()
@@ -425,15 +438,16 @@ def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
     policy = ModelConfig(name_or_path=paths["policy"], dtype=spec["dtype"])
     optimizer = OptimizerConfig(lr=1e-5)
     rm_shape = None
+    shared_prompt = spec.get("shared_prompt", False) and algorithm_name in ("rm", "dpo")
     if algorithm_name == "sft":
         module = AlignModule(algorithm=SFT(), policy=policy, optimizer=optimizer)
         data = SFTData(path=paths["demonstrations"], **common)
     elif algorithm_name == "rm":
-        module = AlignModule(algorithm=RewardModel(), optimizer=optimizer,
+        module = AlignModule(algorithm=RewardModel(shared_prompt=shared_prompt), optimizer=optimizer,
                              policy=ModelConfig(name_or_path=paths["rm"], dtype=spec["dtype"]))
         data = PreferenceData(path=paths["preferences"], **common)
     elif algorithm_name == "dpo":
-        module = AlignModule(algorithm=DPO(beta=0.1), policy=policy, optimizer=optimizer)
+        module = AlignModule(algorithm=DPO(beta=0.1, shared_prompt=shared_prompt), policy=policy, optimizer=optimizer)
         data = PreferenceData(path=paths["preferences"], **common)
     elif algorithm_name == "ppo":
         sampling = SamplingConfig(max_new_tokens=work.max_new_tokens, temperature=1.0)
@@ -453,7 +467,7 @@ def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
             max_steps=steps * per_step, accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
             precision=spec.get("precision") or "32-true", logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            deterministic=spec.get("deterministic", True), callbacks=[_lightning_callback(recorder)],
+            deterministic=spec.get("deterministic", True), callbacks=[_lightning_callback(recorder, shared_prompt)],
             default_root_dir=tmp,
         )
         trainer.fit(module, datamodule=data)
@@ -520,8 +534,11 @@ def _intermediate(spec: dict[str, Any]) -> int:
 
 def step_flops(algorithm: str, step: dict[str, float], shape: ModelShape, rm: ModelShape, work: Workload,
                reference: str = "live") -> float:
-    """Model FLOPs of one step from its token counts (formulas in the module docstring)."""
+    """Model FLOPs of one step from its token counts (formulas in the module docstring); RM and DPO with
+    ``shared_prompt`` count the tokens of the shared-prompt rows (each prompt once)."""
     real, length = step.get("tokens/real", 0.0), step.get("tokens/length", 0.0)
+    if algorithm in ("rm", "dpo") and "tokens/computed" in step:
+        real, length = step["tokens/computed"], step["tokens/computed_length"]
     if algorithm == "sft":
         return 3 * shape.forward(real, length)
     if algorithm == "rm":
@@ -652,6 +669,7 @@ def bench(
     repeats: int = 3,
     compare: list[Literal["trl"]] | None = None,
     group_by_length: bool = True,
+    shared_prompt: bool = True,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     dtype: Literal["float32", "bfloat16"] = "float32",
     threads: int | None = None,
@@ -677,6 +695,8 @@ def bench(
         group_by_length: batch examples of similar length (less padding): alignkit's data modules'
             ``group_by_length`` and, with ``compare``, TRL's ``train_sampling_strategy="group_by_length"`` for SFT,
             RM and DPO (TRL's RLOO has no length grouping). False: uniformly shuffled batches on both sides.
+        shared_prompt: alignkit's RM and DPO run each pair's prompt once (``shared_prompt`` of ``RewardModel`` and
+            ``DPO``, off by default in recipes); their FLOPs and MFU count the tokens actually run.
         device: ``auto`` picks cuda when available.
         dtype: parameter dtype of every model and of the roofline matmul.
         threads: torch intra-op threads in every measurement (default: 1 on CPU, where a shared or
@@ -719,7 +739,7 @@ def bench(
     report: dict[str, Any] = {"meta": environment(device, dtype, threads), "config": {
         "algorithms": algorithms, "sizes": [asdict(s) for s in sizes], "workload": asdict(workload), "steps": steps,
         "warmup": warmup, "repeats": repeats, "frameworks": frameworks, "group_by_length": group_by_length,
-        "isolate": isolate, "deterministic": deterministic, "exact_memory": exact_memory},
+        "shared_prompt": shared_prompt, "isolate": isolate, "deterministic": deterministic, "exact_memory": exact_memory},
         "messages": messages, "results": []}
     report["roofline_peak"] = peak_roofline(device, dtype, budget_s=0.05 if smoke else 1.0, side=256 if smoke else None)
     root = Path(tempfile.mkdtemp(prefix="alignkit-bench-assets-"))
@@ -735,7 +755,7 @@ def bench(
                                 "device": device, "dtype": dtype, "threads": threads, "seed": seed + repeat,
                                 "deterministic": deterministic, "smoke": smoke,
                                 "mmap_threshold": 65536 if exact_memory else None,
-                                "group_by_length": group_by_length}
+                                "group_by_length": group_by_length, "shared_prompt": shared_prompt}
                         started = time.perf_counter()
                         result = measure(spec, isolate)
                         result["wall_s"] = time.perf_counter() - started

@@ -144,9 +144,10 @@ class AlignModule(L.LightningModule):
         for module in self.policy.modules():
             if type(module).__name__ in units:
                 fully_shard(module, mesh=mesh)
-        head = getattr(self.policy, "score", None)
+        base = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy  # unwrap peft
+        head = getattr(base, "score", None)
         if isinstance(head, nn.Module):  # `sequence_scores` calls a classifier's backbone and head directly
-            fully_shard(getattr(self.policy, self.policy.base_model_prefix), mesh=mesh)
+            fully_shard(getattr(base, base.base_model_prefix), mesh=mesh)
             fully_shard(head, mesh=mesh)
         fully_shard(self.policy, mesh=mesh)
         for child in self.algorithm.children():
@@ -185,13 +186,17 @@ class AlignModule(L.LightningModule):
         """Write the trained model and tokenizer with ``save_pretrained`` (LoRA adapters merged).
 
         ``state_dict``: the policy's full weights when a sharded strategy holds them spread over the ranks
-        (:func:`alignkit.defaults.full_state_dict`, gathered before rank 0 calls this)."""
+        (:func:`alignkit.defaults.full_state_dict`, gathered before rank 0 calls this). A sharded LoRA policy is
+        rebuilt unsharded on this rank from them, and its adapters merged there."""
         model = self.policy
         if hasattr(model, "merge_and_unload"):
             if state_dict is not None:
-                raise PluginError("exporting a LoRA policy trained under FSDP/ZeRO-3 is not supported yet: train "
-                                  "LoRA with DDP, or the full model when sharding")
-            model = copy.deepcopy(model).merge_and_unload()
+                model = load_model(self.policy_config, self.algorithm.model_head)[0]
+                model.load_state_dict(state_dict)
+                state_dict = None
+            else:
+                model = copy.deepcopy(model)
+            model = model.merge_and_unload()
         model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.models.loading import sequence_scores
+from alignkit.pairs import attention_implementation, share_prompts
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
 
@@ -54,20 +56,35 @@ class RewardModel(Algorithm):
     model_head = "sequence_classification"
     data_kind = "preference"
 
-    def __init__(self, use_margin: bool = True, center_coef: float = 0.0, use_soft_labels: bool = True):
+    def __init__(self, use_margin: bool = True, center_coef: float = 0.0, use_soft_labels: bool = True,
+                 shared_prompt: bool = False):
         """
         Args:
             use_margin: subtract the data's ``margin`` column inside the sigmoid (zeros when absent).
             center_coef: weight of the reward-centring term ``mean((r_c + r_r)²)`` (0: off).
             use_soft_labels: train on the data's ``soft_label`` column when present (ones when absent).
+            shared_prompt: run each pair's prompt once, with both responses after it in one row
+                (:mod:`alignkit.pairs`): ``P + 2R`` tokens per pair instead of ``2(P + R)``, the same scores
+                up to float rounding. Needs a decoder classifier with sdpa or eager attention.
         """
         super().__init__()
         self.use_margin, self.center_coef, self.use_soft_labels = use_margin, center_coef, use_soft_labels
+        self.shared_prompt = shared_prompt
+
+    def pair_scores(self, model, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+        """``(B,)`` scores of the chosen and of the rejected responses."""
+        if self.shared_prompt:
+            packed = share_prompts(batch)
+            mask = packed.attention_mask(attention_implementation(model), next(model.parameters()).dtype)
+            scores = sequence_scores(model, packed.input_ids, mask, packed.position_ids,
+                                     torch.stack([packed.chosen_end, packed.rejected_end], 1))  # (B, 2)
+            return scores[:, 0], scores[:, 1]
+        scores = sequence_scores(model, batch.input_ids, batch.attention_mask)  # (2B,)
+        return scores[: batch.num_pairs], scores[batch.num_pairs:]
 
     @hookimpl
     def alignkit_loss(self, module, batch: PreferenceBatch) -> LossOutput:
-        scores = sequence_scores(module.policy, batch.input_ids, batch.attention_mask)  # (2B,)
-        chosen, rejected = scores[: batch.num_pairs], scores[batch.num_pairs:]
+        chosen, rejected = self.pair_scores(module.policy, batch)
         terms = bradley_terry_loss(chosen, rejected, batch.margin if self.use_margin else None, self.center_coef,
                                    batch.soft_label if self.use_soft_labels else None)
         chosen, rejected = chosen.detach(), rejected.detach()

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignkit.models import ModelConfig, TinyModelConfig, build_tiny_model, sequence_scores
+from alignkit.models.loading import LoraSettings
 from alignkit.ops import token_logprobs
 from alignkit.module import AlignModule
 from alignkit_plugins.dpo import DPO
@@ -114,11 +115,20 @@ CASES = {
 }
 
 
+LORA = "--model.policy.lora={r: 4, alpha: 8}"
+#: LoRA under FSDP2: adapters trained on sharded frozen weights, the reference is the policy with adapters disabled,
+#: and the export rebuilds the policy unsharded on rank 0 from the gathered weights and merges the adapters there.
+CASES.update({
+    f"{name}_lora": (lambda i, name=name: [*CASES[name][0](i), LORA],
+                     lambda i, name=name: (CASES[name][1](i)[0], ModelConfig(name_or_path=str(i["policy"]), lora=LoraSettings(r=4, alpha=8))))
+    for name in ("rm", "dpo", "ppo")
+})
+
 #: FSDP2 (``fully_shard`` per decoder layer, the policy, the value head) through Lightning's ModelParallelStrategy.
 FSDP2 = ("--trainer.strategy={class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: "
          "{data_parallel_size: 2, tensor_parallel_size: 1, save_distributed_checkpoint: false, process_group_backend: gloo}}")
-#: every algorithm under DDP and FSDP2; the offline ones under FSDP1 (online algorithms refuse it, see below)
-STRATEGIES = [*((name, "ddp") for name in CASES), *((name, "fsdp") for name in ("sft", "rm", "dpo")),
+#: every algorithm under DDP and FSDP2 (also with LoRA); the offline ones under FSDP1 (online algorithms refuse it)
+STRATEGIES = [*((name, "ddp") for name in ("sft", "rm", "dpo", "ppo")), *((name, "fsdp") for name in ("sft", "rm", "dpo", "dpo_lora")),
               *((name, "fsdp2") for name in CASES)]
 
 

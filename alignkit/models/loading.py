@@ -109,21 +109,30 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(-1)
 
 
-def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
+                    score_at: Tensor | None = None) -> Tensor:
     """Scalar score of each sequence read at its last real token (never at a pad), (B, T) -> (B,).
 
     Decoder classifiers (``*ForSequenceClassification`` with a ``score`` head) are pooled here from the
     per-token scores, independent of which id the padding uses; other classifiers use their own pooling.
+    For packed rows (:mod:`alignkit.pairs`) pass the 4D ``attention_mask``, the ``position_ids`` and ``score_at``,
+    the ``(B, K)`` columns to read: the result is then ``(B, K)`` (decoder classifiers only).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap peft; adapters stay active
     head = getattr(base, "score", None)
     if isinstance(head, nn.Module):
         backbone = getattr(base, base.base_model_prefix)
         extra = {"use_cache": False} if accepts_argument(backbone, "use_cache") else {}  # no KV cache to build
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state  # (B, T, H)
-        index = last_token_index(attention_mask)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
+        index = last_token_index(attention_mask) if score_at is None else score_at  # (B,) or (B, K)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = hidden[rows.view(-1, *[1] * (index.dim() - 1)), index]  # (B, H) or (B, K, H)
         return head(pooled).squeeze(-1).float()
+    if score_at is not None:
+        raise ValueError(f"{type(base).__name__} has no per-token score head; it cannot score packed rows "
+                         f"(shared_prompt needs a decoder *ForSequenceClassification model)")
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
 

@@ -8,6 +8,6 @@ functions (sigmoid/DPO, IPO, conservative and robust DPO for noisy labels, hinge
 log-probs (live, or precomputed once and cached) and applies the chosen loss.
 """
 
-from alignkit_plugins.dpo.algorithm import DPO, concatenated_logps
+from alignkit_plugins.dpo.algorithm import DPO, concatenated_logps, shared_prompt_logps
 
-__all__ = ["DPO", "concatenated_logps"]
+__all__ = ["DPO", "concatenated_logps", "shared_prompt_logps"]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from alignkit.manager import PluginError
 from alignkit.ops import first_target_column, last_logits, token_logprobs
+from alignkit.pairs import CHOSEN, REJECTED, attention_implementation, share_prompts
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
 from alignkit_plugins.dpo.losses import DPOVariant, dpo_loss, sequence_logps
@@ -51,18 +52,52 @@ def concatenated_logps(model: nn.Module, batch: PreferenceBatch, length_normaliz
     return logps[:pairs], logps[pairs:]
 
 
+def shared_prompt_logps(model: nn.Module, batch: PreferenceBatch, length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`concatenated_logps` over the shared-prompt layout (:mod:`alignkit.pairs`): each pair's prompt runs
+    once, its chosen and rejected responses follow in the same row (``P + 2R`` tokens instead of ``2(P + R)``).
+
+    Column ``t`` predicts column ``t + 1`` except at the seam: the first rejected token is predicted by the last
+    prompt column (which also predicts the first chosen token), not by the last chosen one. Logits are kept from
+    the column before the earliest response on (``logits_to_keep``).
+
+    Returns:
+        ``(chosen, rejected)``, each ``(B,)`` float32: log π(y_c|x) and log π(y_r|x).
+    """
+    packed = share_prompts(batch)
+    S = packed.input_ids.shape[1]
+    start = max(int(packed.prompt_length.min()) - 1, 0)  # first column whose logits predict a response token
+    mask = packed.attention_mask(attention_implementation(model), next(model.parameters()).dtype)
+    logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                   use_cache=False, **last_logits(model, S - start)).logits  # (B, S - start, V)
+    start = S - logits.shape[1]
+    token_logps = token_logprobs(logits[:, :-1], packed.input_ids[:, start + 1:])  # (B, S - start - 1)
+    segment = packed.segment[:, start + 1:]
+    rows = torch.arange(batch.num_pairs, device=logits.device)
+    seam = packed.chosen_end + 1  # column of the first rejected token
+    has_rejected = seam <= packed.rejected_end
+    # The seam's token read from the right column: the last prompt token's logits.
+    seam_logps = token_logprobs(logits[rows, packed.prompt_length - 1 - start][:, None],
+                                packed.input_ids[rows, seam.clamp(max=S - 1)][:, None])[:, 0]  # (B,)
+    at_seam = (torch.arange(start + 1, S, device=logits.device)[None] == seam[:, None]) & has_rejected[:, None]
+    token_logps = torch.where(at_seam, seam_logps[:, None], token_logps)
+    chosen = sequence_logps(token_logps, segment == CHOSEN, length_normalize)
+    rejected = sequence_logps(token_logps, segment == REJECTED, length_normalize)
+    return chosen, rejected
+
+
 def reference_logps_table(model: nn.Module, loaders: Iterable[Iterable[PreferenceBatch]], device: torch.device | str,
-                          length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+                          length_normalize: bool = False, shared_prompt: bool = False) -> tuple[Tensor, Tensor]:
     """Reference log-probs of every pair the loaders yield, as two tables indexed by ``batch.index``.
 
     Returns ``(chosen, rejected)``: float32 CPU tensors of length ``max(index) + 1``, NaN at indices no
     loader yielded (e.g. rows dropped by the truncation policy).
     """
+    pair_logps = shared_prompt_logps if shared_prompt else concatenated_logps
     indices, chosen, rejected = [], [], []
     with torch.no_grad():
         for loader in loaders:
             for batch in loader:
-                c, r = concatenated_logps(model, batch.to(device), length_normalize)
+                c, r = pair_logps(model, batch.to(device), length_normalize)
                 indices.append(batch.index.cpu())
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
@@ -122,7 +157,7 @@ class DPO(Algorithm):
 
     def __init__(self, beta: float = 0.1, loss_type: DPOVariant = "sigmoid", label_smoothing: float = 0.0,
                  length_normalize: bool = False, reference_logps: Literal["live", "precompute"] = "live",
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, shared_prompt: bool = False):
         """
         Args:
             beta: β, strength of the implicit KL penalty towards the reference (IPO: τ; hinge: 1/margin).
@@ -133,6 +168,9 @@ class DPO(Algorithm):
                 over the train and validation sets before training, cache them and free the reference copy.
             cache_dir: folder of the precomputed ``reference_logps.pt`` (default: the trainer's
                 ``default_root_dir``, i.e. the run directory). Only with ``reference_logps=precompute``.
+            shared_prompt: run each pair's prompt once, with both responses after it in one row
+                (:func:`shared_prompt_logps`): ``P + 2R`` tokens per pair instead of ``2(P + R)``, the same log-probs
+                up to float rounding. Needs a model with sdpa or eager attention.
         """
         super().__init__()
         if reference_logps not in ("live", "precompute"):
@@ -146,6 +184,7 @@ class DPO(Algorithm):
             raise ValueError(f"algorithm: {exc}") from None
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.length_normalize, self.reference_logps, self.cache_dir = length_normalize, reference_logps, cache_dir
+        self.shared_prompt = shared_prompt
         # Precompute state (plain attributes, not buffers: the table is not part of the state_dict).
         self._cache: dict[str, Any] | None = None  # {"chosen", "rejected", "meta"}
         self._cache_checked = False
@@ -154,7 +193,7 @@ class DPO(Algorithm):
     # ------------------------------------------------------------------------------------------ loss
     @hookimpl
     def alignkit_loss(self, module, batch: PreferenceBatch) -> LossOutput:
-        policy_chosen, policy_rejected = concatenated_logps(module.policy, batch, self.length_normalize)
+        policy_chosen, policy_rejected = self.pair_logps(module.policy, batch)
         reference_chosen, reference_rejected = self.reference_for(module, batch)
         terms = dpo_loss(self.loss_type, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                          beta=self.beta, label_smoothing=self.label_smoothing)
@@ -166,11 +205,16 @@ class DPO(Algorithm):
             "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean(),
         })
 
+    def pair_logps(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+        """``(B,)`` log-probs of the chosen and the rejected responses under ``model``."""
+        pair_logps = shared_prompt_logps if self.shared_prompt else concatenated_logps
+        return pair_logps(model, batch, self.length_normalize)
+
     def reference_for(self, module, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
         """``(B,)`` reference log-probs of the chosen and rejected responses of ``batch``."""
         if self.reference_logps == "live":
             with torch.no_grad(), module.reference_model() as reference:
-                chosen, rejected = concatenated_logps(reference, batch, self.length_normalize)
+                chosen, rejected = self.pair_logps(reference, batch)
             return chosen.detach(), rejected.detach()
         self.ensure_reference_cache(module)
         index = batch.index.cpu()
@@ -212,7 +256,8 @@ class DPO(Algorithm):
                 raise PluginError(f"dpo: the reference model was freed after precomputing, but the cached reference "
                                   f"log-probs in {path} and in the checkpoint do not match this run's data")
             with module.reference_model() as reference:
-                chosen, rejected = reference_logps_table(reference, loaders, module.device, self.length_normalize)
+                chosen, rejected = reference_logps_table(reference, loaders, module.device, self.length_normalize,
+                                                         self.shared_prompt)
             self._cache = {"chosen": chosen, "rejected": rejected, "meta": meta}
             if module.trainer.is_global_zero:
                 save_atomic(self._cache, path)
