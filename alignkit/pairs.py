@@ -94,3 +94,17 @@ def attention_implementation(model: torch.nn.Module) -> str:
     """The attention implementation a transformers model (or peft wrapper) runs with; "sdpa" if it says none."""
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def check_shared_prompt(model: torch.nn.Module, algorithm: str, needs_score_head: bool = False) -> None:
+    """Refuse, at set-up and in one line, a model that cannot run the shared-prompt layout."""
+    from alignkit.manager import PluginError
+
+    implementation = attention_implementation(model)
+    if implementation not in ("sdpa", "eager"):
+        raise PluginError(f"{algorithm}: shared_prompt needs sdpa or eager attention (4D masks), the model uses "
+                          f"{implementation!r}; set shared_prompt=false")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if needs_score_head and not isinstance(getattr(base, "score", None), torch.nn.Module):
+        raise PluginError(f"{algorithm}: shared_prompt needs a decoder classifier with a per-token score head, "
+                          f"{type(base).__name__} has none; set shared_prompt=false")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.models.loading import sequence_scores
-from alignkit.pairs import attention_implementation, share_prompts
+from alignkit.pairs import attention_implementation, check_shared_prompt, share_prompts
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
 
@@ -70,6 +70,11 @@ class RewardModel(Algorithm):
         super().__init__()
         self.use_margin, self.center_coef, self.use_soft_labels = use_margin, center_coef, use_soft_labels
         self.shared_prompt = shared_prompt
+
+    @hookimpl
+    def alignkit_configure(self, module) -> None:
+        if self.shared_prompt:
+            check_shared_prompt(module.policy, "reward model", needs_score_head=True)
 
     def pair_scores(self, model, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
         """``(B,)`` scores of the chosen and of the rejected responses."""

@@ -106,3 +106,17 @@ def test_dpo_logps_and_gradients_match_the_concatenated_layout(implementation, l
     torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_models_that_cannot_run_it_are_refused_at_set_up():
+    from types import SimpleNamespace
+
+    from alignkit.manager import PluginError
+
+    causal, _ = load_model(ModelConfig(tiny=TINY), "causal_lm")
+    with pytest.raises(PluginError, match="LlamaForCausalLM has none; set shared_prompt=false"):
+        RewardModel(shared_prompt=True).alignkit_configure(module=SimpleNamespace(policy=causal))
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(PluginError, match="'flash_attention_2'; set shared_prompt=false"):
+        DPO(shared_prompt=True).alignkit_configure(module=SimpleNamespace(policy=flash))
+    DPO(shared_prompt=True).alignkit_configure(module=SimpleNamespace(policy=causal))  # sdpa: accepted

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from alignkit.manager import PluginError
 from alignkit.ops import first_target_column, last_logits, token_logprobs
-from alignkit.pairs import CHOSEN, REJECTED, attention_implementation, share_prompts
+from alignkit.pairs import CHOSEN, REJECTED, attention_implementation, check_shared_prompt, share_prompts
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
 from alignkit_plugins.dpo.losses import DPOVariant, dpo_loss, sequence_logps
@@ -189,6 +189,11 @@ class DPO(Algorithm):
         self._cache: dict[str, Any] | None = None  # {"chosen", "rejected", "meta"}
         self._cache_checked = False
         self._freed_reference = False
+
+    @hookimpl
+    def alignkit_configure(self, module) -> None:
+        if self.shared_prompt:
+            check_shared_prompt(module.policy, "dpo")
 
     # ------------------------------------------------------------------------------------------ loss
     @hookimpl
