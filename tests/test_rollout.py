@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from alignkit.rollout import (SamplingConfig, _sample_next, generate, left_pad, response_logprobs,
-                              sample_categorical)
+                              sample_categorical, top_p_filter)
 
 PAD, EOS = 0, 1
 PROMPT_IDS = [[4, 5, 6], [13], [23, 24, 25, 26, 27]]  # different lengths -> left padding
@@ -133,6 +133,32 @@ def test_top_k_and_top_p_filtering():
     assert draw(top_p=0.6) == {0, 1}  # 0.5 < 0.6, so the second token is needed
     assert draw(top_p=0.45) == {0}  # the first token alone reaches 0.45
     assert draw() == {0, 1, 2, 3}
+
+
+def full_sort_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering by sorting the whole vocabulary (the reference implementation)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    drop[:, 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+@pytest.mark.parametrize("candidates", [256, 4])
+def test_top_p_from_the_top_candidates_equals_a_full_sort(candidates):
+    """Peaked rows (nucleus inside the top candidates) take the topk path, flat rows the full sort; with 4
+    candidates most rows fall back. The kept tokens and their logits are the same as sorting everything."""
+    generator = torch.Generator().manual_seed(0)
+    ranks = torch.arange(1, 2001, dtype=torch.float32)
+    peaked = torch.stack([(-1.5 * ranks.log())[torch.randperm(2000, generator=generator)] for _ in range(6)])
+    flat = torch.randn(4, 2000, generator=generator) * 0.3
+    logits = torch.cat([peaked, flat])
+    logits[0, :1000] = float("-inf")  # rows already cut by top_k
+    for top_p in (0.3, 0.9, 0.95):
+        expected, filtered = full_sort_top_p(logits, top_p), top_p_filter(logits, top_p, candidates)
+        assert torch.equal(filtered.isfinite(), expected.isfinite())
+        assert torch.equal(filtered[filtered.isfinite()], expected[expected.isfinite()])
+        assert 1 <= int(filtered.isfinite().sum(-1).min())
 
 
 def test_stop_token_ids(model, tokenizer, reference):
