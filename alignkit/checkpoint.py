@@ -2,7 +2,9 @@
 resumed run needs to draw the same numbers as an uninterrupted one.
 
 A checkpoint is written to a temporary file in the target's folder, flushed to disk and renamed over the
-target, so a run killed while writing (even with SIGKILL) leaves the previous checkpoint intact.
+target, so a run killed while writing (even with SIGKILL) leaves the previous checkpoint intact. Strategies that
+write a folder of shards (DeepSpeed, sharded FSDP/FSDP2 checkpoints) write it as ``.last.ckpt.writing`` and
+swap it in once every rank has finished (:func:`swap_in_folder`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,38 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def writes_folder(strategy) -> bool:
+    """Whether ``strategy`` saves a checkpoint as a folder of per-rank shards rather than through a checkpoint IO
+    plugin (which :class:`AtomicCheckpointIO` makes atomic)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return (isinstance(strategy, DeepSpeedStrategy)
+            or (isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint)
+            or (isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded"))
+
+
+def swap_in_folder(new: Path, target: Path) -> None:
+    """Replace the folder ``target`` by the complete folder ``new``: the old one is renamed to ``.<name>.old``
+    first and removed last, so a kill at any point leaves a whole checkpoint under one of the two names
+    (:func:`recover_folder` puts ``.old`` back)."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(target: Path) -> None:
+    """Put back the previous folder checkpoint when a run was killed between the two renames of
+    :func:`swap_in_folder` (``target`` missing, ``.<name>.old`` present)."""
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+
+
 class LastCheckpoint(ModelCheckpoint):
     """Writes ``checkpoints/last.ckpt`` (only that file) at the end of each epoch or, with ``every``, whenever
     the optimiser step count passes a multiple of ``every`` (unlike ``every_n_train_steps``, which saves
@@ -116,6 +151,22 @@ class LastCheckpoint(ModelCheckpoint):
     def save(self, trainer) -> None:
         self.deferred = False
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """Folder checkpoints are written under a staging name by every rank, then swapped in by rank 0."""
+        if not writes_folder(trainer.strategy):
+            return super()._save_checkpoint(trainer, filepath)
+        target = Path(filepath)
+        staging = target.with_name(f".{target.name}.writing")
+        if trainer.is_global_zero and staging.exists():  # left by a run killed while writing
+            shutil.rmtree(staging)
+        trainer.strategy.barrier()
+        super()._save_checkpoint(trainer, str(staging))
+        trainer.strategy.barrier()  # every rank's shards are on disk
+        if trainer.is_global_zero:
+            swap_in_folder(staging, target)
+        trainer.strategy.barrier()
+        self._last_checkpoint_saved = filepath
 
 
 def validation_follows(trainer) -> bool:

@@ -12,8 +12,10 @@ from alignkit.types import PromptBatch, Rollout
 
 def zero3(module) -> bool:
     """Whether ``module`` trains under DeepSpeed ZeRO stage 3 (parameters sharded over the ranks)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
     strategy = module.trainer.strategy if module._trainer is not None else None
-    return type(strategy).__name__ == "DeepSpeedStrategy" and strategy.config.get("zero_optimization", {}).get("stage") == 3
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get("stage") == 3
 
 
 @contextmanager

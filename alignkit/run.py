@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from alignkit.checkpoint import recover_folder
 from alignkit.defaults import full_state_dict
 
 MODEL_DIR = "model"
@@ -55,7 +56,8 @@ def resume_checkpoint(run_dir: Path) -> Path:
     """The checkpoint ``--resume`` continues from: ``<run_dir>/checkpoints/last.ckpt`` of an unfinished run."""
     check_fresh(run_dir, resuming=True)
     path = run_dir / LAST_CHECKPOINT
-    if not path.is_file():
+    recover_folder(path)  # a folder checkpoint (DeepSpeed, sharded FSDP) killed mid-swap
+    if not path.exists():
         raise NothingToResumeError(f"cannot resume {run_dir}: there is no {LAST_CHECKPOINT} in it (give the --run_dir "
                                    f"of a run that wrote a checkpoint before it stopped)")
     return path

@@ -128,19 +128,28 @@ CASES.update({
 FSDP2 = ("--trainer.strategy={class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: "
          "{data_parallel_size: 2, tensor_parallel_size: 1, save_distributed_checkpoint: false, process_group_backend: gloo}}")
 #: every algorithm under DDP and FSDP2 (also with LoRA); the offline ones under FSDP1 (online algorithms refuse it)
+#: DeepSpeed ZeRO on CPU processes (DeepSpeed's CPU accelerator, gloo; see tests/cpu_deepspeed.py).
+#: ZeRO-3 partitions every parameter (DeepSpeed keeps those under 100k elements whole by default: all of the tiny model's).
+ZERO2 = "--trainer.strategy={class_path: cpu_deepspeed.CPUDeepSpeedStrategy, init_args: {stage: 2, process_group_backend: gloo}}"
+ZERO3 = ("--trainer.strategy={class_path: cpu_deepspeed.CPUDeepSpeedStrategy, init_args: {process_group_backend: gloo, "
+         "config: {zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}}}}")
 STRATEGIES = [*((name, "ddp") for name in ("sft", "rm", "dpo", "ppo")), *((name, "fsdp") for name in ("sft", "rm", "dpo", "dpo_lora")),
-              *((name, "fsdp2") for name in CASES)]
+              *((name, "fsdp2") for name in CASES), *((name, "zero2") for name in ("sft", "rm", "dpo", "ppo")),
+              *((name, "zero3") for name in ("sft", "dpo", "ppo"))]
 
 
 @pytest.mark.parametrize(("name", "strategy"), STRATEGIES)
 def test_two_processes_match_one_process(name, strategy, inputs, tmp_path):
     """DDP, FSDP FULL_SHARD and FSDP2 (whose final exports gather the sharded weights) against one process. PPO
     under FSDP2 also generates with the gathered policy and trains a sharded value head."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
     args, (algorithm, policy) = CASES[name][0](inputs), CASES[name][1](inputs)
     initial, tokenizer = initial_model(algorithm, policy)
     single = fit(tmp_path / "single", devices=1, batch_size=8, args=args)
     ddp = fit(tmp_path / strategy, devices=2, batch_size=4, args=args,
-              strategy={"fsdp": FSDP, "fsdp2": FSDP2, "ddp": "--trainer.strategy=ddp"}[strategy])
+              strategy={"fsdp": FSDP, "fsdp2": FSDP2, "ddp": "--trainer.strategy=ddp", "zero2": ZERO2,
+                        "zero3": ZERO3}[strategy])
     texts = [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"] for line in open(inputs["prefs"])][:8]
     f0 = outputs(initial, tokenizer, texts)
     f1, f2 = (outputs(load(path, algorithm.model_head), tokenizer, texts) for path in (single, ddp))
@@ -162,15 +171,19 @@ def test_online_algorithms_refuse_fsdp_with_one_line(inputs, tmp_path):
     assert len(error) == 1 and "FSDPStrategy" in error[0] and "ModelParallelStrategy" in error[0], done.stderr[-2000:]
 
 
-def test_fsdp2_ppo_resumes_to_the_same_result(inputs, tmp_path):
-    """PPO under FSDP2 stopped after its step-2 checkpoint and resumed ends bit-for-bit like an uninterrupted
-    run: sharded policy and value head, optimiser state, RNG and data position all come back."""
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_sharded_ppo_resumes_to_the_same_result(strategy, inputs, tmp_path):
+    """PPO under FSDP2 or DeepSpeed ZeRO-3 stopped after its step-2 checkpoint and resumed ends bit-for-bit like
+    an uninterrupted run: sharded policy and value head, optimiser state, RNG and data position all come back."""
     from safetensors.torch import load_file
 
+    if strategy == "zero3":
+        pytest.importorskip("deepspeed")
     args = [*CASES["ppo"][0](inputs), "--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.devices=2",
             "--trainer.limit_val_batches=0", "--data.init_args.batch_size=4", "--data.init_args.shuffle=false",
-            "--trainer.deterministic=true", "--checkpoint_every=2", FSDP2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+            "--trainer.deterministic=true", "--checkpoint_every=2", {"fsdp2": FSDP2, "zero3": ZERO3}[strategy]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
 
     def run(run_dir: Path, steps: int, *extra: str) -> None:
         command = [sys.executable, "-m", "alignkit.cli", "fit", *args, f"--trainer.max_steps={steps}",

@@ -226,3 +226,23 @@ def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
                    stdout=subprocess.DEVNULL)
     folders = sorted((tmp_path / "run" / "wandb").glob("*-run-*"))
     assert len(folders) == 2 and {folder.name.rsplit("-", 1)[1] for folder in folders} == {first}
+
+
+def test_folder_checkpoints_are_swapped_in_whole(tmp_path):
+    """DeepSpeed and sharded FSDP write a checkpoint folder: it is staged, then swapped in; a kill between the two
+    renames leaves the previous folder as ``.last.ckpt.old``, which ``--resume`` puts back."""
+    from alignkit.checkpoint import recover_folder, swap_in_folder
+    from alignkit.run import resume_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    target, staging, old = folder / "last.ckpt", folder / ".last.ckpt.writing", folder / ".last.ckpt.old"
+    for path, step in ((target, "1"), (staging, "2")):
+        path.mkdir(parents=True)
+        (path / "shard").write_text(step)
+    swap_in_folder(staging, target)
+    assert (target / "shard").read_text() == "2" and not staging.exists() and not old.exists()
+    os.replace(target, old)  # killed after the first rename of the next swap
+    recover_folder(target)
+    assert (target / "shard").read_text() == "2" and not old.exists()
+    os.replace(target, old)
+    assert resume_checkpoint(tmp_path) == target and (target / "shard").read_text() == "2"
