@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import lightning as L
@@ -95,8 +95,9 @@ class AlignModule(L.LightningModule):
         """
         super().__init__()
         self.algorithm = algorithm
-        self.policy_config, self.optimizer_config = policy, optimizer
-        self.reward_combination, self.skip_nonfinite = reward_combination, skip_nonfinite
+        # Copies: the defaults above are shared by every call, and a caller may change its module's settings.
+        self.policy_config, self.optimizer_config = copy.deepcopy(policy), copy.deepcopy(optimizer)
+        self.reward_combination, self.skip_nonfinite = copy.deepcopy(reward_combination), skip_nonfinite
         self.completions_per_step = completions_per_step
         self.completion_rows: list[list[Any]] = []
         self._logged_a_step = False  # by this process: see `should_log`
@@ -194,6 +195,12 @@ class AlignModule(L.LightningModule):
                 model = load_model(self.policy_config, self.algorithm.model_head)[0]
                 model.load_state_dict(state_dict)
                 state_dict = None
+            elif self.policy_config.quantization is not None:  # QLoRA: merge into the base loaded unquantized
+                from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+                adapters = get_peft_model_state_dict(model)
+                model = load_model(replace(self.policy_config, quantization=None), self.algorithm.model_head)[0]
+                set_peft_model_state_dict(model, adapters)
             else:
                 model = copy.deepcopy(model)
             model = model.merge_and_unload()

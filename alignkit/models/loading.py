@@ -3,7 +3,8 @@ built-in tiny model. Every stage writes ``save_pretrained`` output that plain ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +50,10 @@ class ModelConfig:
     """Parameter dtype at load time (mixed precision is the trainer's ``precision``)."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """QLoRA: load the frozen base weights quantized by bitsandbytes (``4bit``: NF4 with double quantization,
+    computing in ``dtype``; ``8bit``: LLM.int8) and train ``lora`` adapters on them. The exported model merges the
+    adapters into the base loaded again unquantized."""
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
@@ -64,6 +69,8 @@ def _source(cfg: ModelConfig) -> str:
 
 def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) a model with the requested head, and its tokenizer."""
+    if cfg.quantization is not None:
+        return _load_quantized(cfg, head)
     if cfg.name_or_path == "tiny":
         model, tokenizer = build_tiny_model(cfg.tiny)
         if head == "sequence_classification":
@@ -92,6 +99,42 @@ def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreT
     if cfg.lora is not None:
         model = _add_lora(model, cfg.lora, head)
     return model, tokenizer
+
+
+def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """QLoRA: the base model quantized by bitsandbytes at load time, prepared for k-bit training, with adapters."""
+    if cfg.lora is None:
+        raise ValueError(f"model.quantization={cfg.quantization!r} needs model.lora: a quantized base stays frozen, "
+                         f"only adapters train")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(f"model.quantization={cfg.quantization!r} needs bitsandbytes (pip install bitsandbytes)") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.quantization == "4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=dtype)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    cls = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    extra = {} if head == "causal_lm" else {"num_labels": 1}
+    with tempfile.TemporaryDirectory(prefix="alignkit-tiny-") as folder:
+        if cfg.name_or_path == "tiny":  # the built-in model goes through the same from_pretrained path
+            plain, tokenizer = load_model(replace(cfg, quantization=None, lora=None), head)
+            plain.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        source = folder if cfg.name_or_path == "tiny" else _source(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        model = cls.from_pretrained(source, quantization_config=quantization, dtype=dtype,
+                                    trust_remote_code=cfg.trust_remote_code, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return _add_lora(model, cfg.lora, head), tokenizer
 
 
 def _add_lora(model: PreTrainedModel, lora: LoraSettings, head: ModelHead) -> nn.Module:
