@@ -159,6 +159,37 @@ def test_two_processes_match_one_process(name, strategy, inputs, tmp_path):
     assert gap < TOLERANCE
 
 
+def test_two_nodes_launched_by_torchrun_match_one_process(inputs, tmp_path):
+    """The multi-node launch path on one machine: two ``torchrun --nnodes=2 --node_rank=…`` launches of one process
+    each (as on two nodes), ``--trainer.num_nodes=2``, DDP over gloo, one shared run directory. PPO against one
+    process, as above."""
+    import socket
+
+    args, (algorithm, policy) = CASES["ppo"][0](inputs), CASES["ppo"][1](inputs)
+    initial, tokenizer = initial_model(algorithm, policy)
+    single = fit(tmp_path / "single", devices=1, batch_size=8, args=args)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "-m", "alignkit.cli", "fit", *args, *COMMON, "--run_dir", str(tmp_path / "nodes"),
+                               "--trainer.devices=1", "--trainer.num_nodes=2", "--trainer.strategy=ddp",
+                               "--data.init_args.batch_size=4"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    texts = [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"] for line in open(inputs["prefs"])][:8]
+    f0 = outputs(initial, tokenizer, texts)
+    f1, f2 = (outputs(load(path, "causal_lm"), tokenizer, texts) for path in (single, tmp_path / "nodes" / "model"))
+    gap = float((f2 - f1).norm() / (f1 - f0).norm())
+    print(f"ppo 2 nodes x 1 process (torchrun): relative change gap {gap:.4f}")
+    assert (f1 - f0).norm() > 0 and gap < TOLERANCE
+
+
 def test_online_algorithms_refuse_fsdp_with_one_line(inputs, tmp_path):
     """PPO's update runs inside its training step: under Lightning's FSDP that backward would fail deep in FSDP's
     hooks after the first rollout, so the run stops at set-up naming the strategy to use instead."""
