@@ -1,5 +1,7 @@
-"""``bf16-mixed`` precision on CPU (Lightning's autocast plugin, the same plugin GPUs use): every stage trains,
-with gradient clipping, and its exported model computes finite log-probs. Catches what mixed precision
+"""``bf16-mixed`` and ``16-mixed`` precision on CPU (Lightning's autocast plugin, the same plugin GPUs use; for
+``16-mixed`` with its gradient scaler, which Lightning only builds on CPU when the plugin is given explicitly, as
+it turns a plain ``precision=16-mixed`` into bf16 there): every stage trains, with gradient clipping, and its
+exported model computes finite log-probs. Catches what mixed precision
 changes: bf16 logits reaching the log-prob and loss math, and Lightning refusing to clip the gradients of a
 fused optimiser (so the fused AdamW default stays off under mixed precision)."""
 
@@ -12,9 +14,16 @@ import torch
 from conftest import QUIET, TINY_MODEL, preference_rows, run_cli, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from alignkit.models import ModelConfig, TinyModelConfig
+from alignkit.models.loading import load_model
+
 ROOT = Path(__file__).resolve().parents[1]
-BF16 = ["--trainer.precision=bf16-mixed", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-        "--trainer.enable_checkpointing=false", *QUIET]
+COMMON = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", *QUIET]
+PRECISIONS = {
+    "bf16-mixed": "--trainer.precision=bf16-mixed",
+    "16-mixed": "--trainer.plugins=[{class_path: lightning.pytorch.plugins.precision.MixedPrecision, "
+                "init_args: {precision: 16-mixed, device: cpu}}]",
+}
 GOLD = "--model.rewards=[{class_path: alignkit_plugins.rewards.GoldReward, init_args: {task: alignkit_plugins.tasks.SentimentTask}}]"
 STAGES = {
     "sft": lambda prefs: ["--config", "recipes/sft.yaml", *TINY_MODEL, "--trainer.gradient_clip_val=1.0"],
@@ -28,11 +37,12 @@ STAGES = {
 }
 
 
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_bf16_mixed_trains_every_stage(stage, tmp_path, monkeypatch):
+def test_mixed_precision_trains_every_stage(stage, precision, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(16))
-    run_cli(["fit", *STAGES[stage](prefs), *BF16, "--run_dir", tmp_path / "run"])
+    run_cli(["fit", *STAGES[stage](prefs), PRECISIONS[precision], *COMMON, "--run_dir", tmp_path / "run"])
     model_dir = tmp_path / "run" / "model"
     if stage == "rm":
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
@@ -42,3 +52,7 @@ def test_bf16_mixed_trains_every_stage(stage, tmp_path, monkeypatch):
     assert next(model.parameters()).dtype == torch.float32  # mixed precision keeps fp32 master weights
     ids = torch.arange(3, 13).unsqueeze(0)
     assert torch.isfinite(model(input_ids=ids).logits).all()
+    # the steps were taken (16-mixed's scaler skips a step whose scaled gradients overflow)
+    shape = {a.split("=")[0].rsplit(".", 1)[1]: int(a.split("=")[1]) for a in TINY_MODEL if ".tiny." in a}
+    initial = load_model(ModelConfig(tiny=TinyModelConfig(**shape)), "causal_lm")[0]
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values()))
