@@ -125,3 +125,14 @@ def tiny_tokenizer():
     from alignkit.models.tiny import TinyModelConfig, build_tiny_model
 
     return build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))[1]
+
+
+def word_count_reward():
+    """A reward plugin for online tests: the number of words in each response."""
+    from alignkit.plugin import Reward, RewardOutput
+
+    class WordCount(Reward):
+        def score(self, prompts, responses, rollout):
+            return RewardOutput(self.reward_name, torch.tensor([float(len(r.split())) for r in responses]))
+
+    return WordCount()

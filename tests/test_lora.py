@@ -10,10 +10,11 @@ import lightning as L
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import word_count_reward
+
 from alignkit.data import PreferenceData, PromptData, SFTData
 from alignkit.models import LoraSettings, ModelConfig, TinyModelConfig
 from alignkit.module import AlignModule
-from alignkit.plugin import Reward, RewardOutput
 from alignkit.rollout import SamplingConfig
 from alignkit_plugins.dpo import DPO
 from alignkit_plugins.ppo import PPO
@@ -74,15 +75,10 @@ def test_dpo_with_lora_uses_the_policy_without_adapters_as_reference(tmp_path):
     assert all(torch.equal(base[k], base_after[k]) for k in base)
 
 
-class WordCount(Reward):
-    def score(self, prompts, responses, rollout):
-        return RewardOutput(self.reward_name, torch.tensor([float(len(r.split())) for r in responses]))
-
-
 def test_ppo_with_lora_runs_and_keeps_the_base_frozen(tmp_path):
     L.seed_everything(0)
     module = AlignModule(algorithm=PPO(sampling=SamplingConfig(max_new_tokens=6), update_epochs=1), policy=LORA,
-                         rewards=[WordCount()])
+                         rewards=[word_count_reward()])
     assert module.reference is None
     adapters, base = split(module)
     trainer(tmp_path, 2).fit(module, datamodule=PromptData(task=TASK, batch_size=4))

@@ -12,11 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from conftest import word_count_reward
+
 from alignkit.data import PreferenceData, PromptData, SFTData
 from alignkit.models import LoraSettings, ModelConfig, TinyModelConfig
 from alignkit.models.loading import load_model
 from alignkit.module import AlignModule
-from alignkit.plugin import Reward, RewardOutput
 from alignkit.rollout import SamplingConfig
 from alignkit_plugins.dpo import DPO
 from alignkit_plugins.ppo import PPO
@@ -101,15 +102,10 @@ def test_reward_model_with_qlora_trains_adapters_and_the_score_head(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
 
 
-class WordCount(Reward):
-    def score(self, prompts, responses, rollout):
-        return RewardOutput(self.reward_name, torch.tensor([float(len(r.split())) for r in responses]))
-
-
 def test_ppo_with_qlora_generates_and_trains(tmp_path):
     L.seed_everything(0)
     module = AlignModule(algorithm=PPO(sampling=SamplingConfig(max_new_tokens=6), update_epochs=1), policy=QLORA,
-                         rewards=[WordCount()])
+                         rewards=[word_count_reward()])
     before = adapters(module)
     trainer(tmp_path, 2).fit(module, datamodule=PromptData(task=TASK, batch_size=4))
     assert any(not torch.equal(before[k], v) for k, v in adapters(module).items())
