@@ -94,8 +94,8 @@ def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreT
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(DTYPES[cfg.dtype])
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it (the old name warns)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     if cfg.lora is not None:
         model = _add_lora(model, cfg.lora, head)
     return model, tokenizer
