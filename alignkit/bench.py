@@ -150,7 +150,9 @@ class ModelShape:
 
 def model_shape(model) -> ModelShape:
     """Parameter counts of a transformers model (unwrapping peft), for the FLOP formulas."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from alignkit.ops import unwrap_peft
+
+    base = unwrap_peft(model)
     config = base.config
     embedding = base.get_input_embeddings().weight
     params = sum(p.numel() for p in base.parameters())

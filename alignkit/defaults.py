@@ -24,7 +24,7 @@ def full_parameters(module) -> Iterator[None]:
 
     Under FSDP2 (``ModelParallelStrategy``) every shard unit is gathered once and kept whole for the whole
     decoding loop (not re-gathered at each decoding step); under DeepSpeed ZeRO-3 the parameters are gathered
-    with ``GatheredParameters`` (read only; needs a GPU, not exercised). DDP, ZeRO-1/2 and single-device runs
+    with ``GatheredParameters`` (read only; tested on CPU processes). DDP, ZeRO-1/2 and single-device runs
     hold full weights already; online algorithms refuse FSDP1's ``FSDPStrategy`` (see ``AlignModule.setup``).
     """
     from torch.distributed.fsdp import FSDPModule

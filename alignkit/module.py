@@ -28,6 +28,7 @@ from transformers import get_scheduler
 from alignkit.checkpoint import rng_states, set_rng_states
 from alignkit.manager import PluginError, call_each, call_first, build_manager
 from alignkit.models.loading import ModelConfig, load_model
+from alignkit.ops import unwrap_peft
 from alignkit.plugin import Algorithm, Reward, RewardOutput
 from alignkit.rewards import RunningMoments, combine_rewards, normalize_rewards
 from alignkit.types import LossOutput, Rollout
@@ -145,7 +146,7 @@ class AlignModule(L.LightningModule):
         for module in self.policy.modules():
             if type(module).__name__ in units:
                 fully_shard(module, mesh=mesh)
-        base = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy  # unwrap peft
+        base = unwrap_peft(self.policy)
         head = getattr(base, "score", None)
         if isinstance(head, nn.Module):  # `sequence_scores` calls a classifier's backbone and head directly
             fully_shard(getattr(base, base.base_model_prefix), mesh=mesh)

@@ -92,12 +92,16 @@ def first_target_column(mask: Tensor) -> int:
     return max(int(mask.bool().float().argmax(-1)[rows].min()), 1)
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (its adapters stay active), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def accepts_argument(model: torch.nn.Module, argument: str) -> bool:
     """Whether ``model.forward`` (of the base model, for a peft wrapper) takes ``argument`` by name."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return argument in inspect.signature(base.forward).parameters
+    return argument in inspect.signature(unwrap_peft(model).forward).parameters
 
 
 def last_logits(model: torch.nn.Module, count: int) -> dict[str, int]:

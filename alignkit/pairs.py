@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignkit.ops import unwrap_peft
 from alignkit.types import PreferenceBatch, TensorRecord
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
+MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 
 
 @dataclass
@@ -44,7 +46,7 @@ class SharedPromptPairs(TensorRecord):
     def attention_mask(self, implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> Tensor:
         """The ``(B, 1, S, S)`` mask drawn in the module docstring, in the form the attention implementation
         reads: boolean (True = attend) for ``sdpa``, additive (0 or the dtype's minimum) for ``eager``."""
-        if implementation not in ("sdpa", "eager"):
+        if implementation not in MASK_IMPLEMENTATIONS:
             raise ValueError(f"shared_prompt needs a model with sdpa or eager attention (4D masks), "
                              f"got attn_implementation={implementation!r}")
         S = self.segment.shape[1]
@@ -56,6 +58,10 @@ class SharedPromptPairs(TensorRecord):
         if implementation == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def attention_mask_for(self, model: torch.nn.Module) -> Tensor:
+        """:meth:`attention_mask` in the form ``model``'s attention implementation and parameter dtype need."""
+        return self.attention_mask(attention_implementation(model), next(model.parameters()).dtype)
 
 
 def share_prompts(batch: PreferenceBatch) -> SharedPromptPairs:
@@ -101,10 +107,10 @@ def check_shared_prompt(model: torch.nn.Module, algorithm: str, needs_score_head
     from alignkit.manager import PluginError
 
     implementation = attention_implementation(model)
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in MASK_IMPLEMENTATIONS:
         raise PluginError(f"{algorithm}: shared_prompt needs sdpa or eager attention (4D masks), the model uses "
                           f"{implementation!r}; set shared_prompt=false")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     if needs_score_head and not isinstance(getattr(base, "score", None), torch.nn.Module):
         raise PluginError(f"{algorithm}: shared_prompt needs a decoder classifier with a per-token score head, "
                           f"{type(base).__name__} has none; set shared_prompt=false")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.models.loading import sequence_scores
-from alignkit.pairs import attention_implementation, check_shared_prompt, share_prompts
+from alignkit.pairs import check_shared_prompt, share_prompts
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
 
@@ -80,8 +80,7 @@ class RewardModel(Algorithm):
         """``(B,)`` scores of the chosen and of the rejected responses."""
         if self.shared_prompt:
             packed = share_prompts(batch)
-            mask = packed.attention_mask(attention_implementation(model), next(model.parameters()).dtype)
-            scores = sequence_scores(model, packed.input_ids, mask, packed.position_ids,
+            scores = sequence_scores(model, packed.input_ids, packed.attention_mask_for(model), packed.position_ids,
                                      torch.stack([packed.chosen_end, packed.rejected_end], 1))  # (B, 2)
             return scores[:, 0], scores[:, 1]
         scores = sequence_scores(model, batch.input_ids, batch.attention_mask)  # (2B,)

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from alignkit.models.tiny import TinyModelConfig, build_tiny_model
-from alignkit.ops import accepts_argument
+from alignkit.ops import accepts_argument, unwrap_peft
 
 ModelHead = Literal["causal_lm", "sequence_classification"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,8 +70,8 @@ def _source(cfg: ModelConfig) -> str:
 def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) a model with the requested head, and its tokenizer."""
     if cfg.quantization is not None:
-        return _load_quantized(cfg, head)
-    if cfg.name_or_path == "tiny":
+        model, tokenizer = _load_quantized(cfg, head)
+    elif cfg.name_or_path == "tiny":
         model, tokenizer = build_tiny_model(cfg.tiny)
         if head == "sequence_classification":
             config = model.config.to_dict()
@@ -93,16 +93,22 @@ def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreT
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(DTYPES[cfg.dtype])
-    if cfg.gradient_checkpointing:  # transformers 5 renamed it (the old name warns)
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if cfg.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        model.to(DTYPES[cfg.dtype])
+        if cfg.gradient_checkpointing:  # transformers 5 renamed it (the old name warns)
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     if cfg.lora is not None:
         model = _add_lora(model, cfg.lora, head)
     return model, tokenizer
 
 
-def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """QLoRA: the base model quantized by bitsandbytes at load time, prepared for k-bit training, with adapters."""
+def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """QLoRA's base: the model quantized by bitsandbytes at load time (``load_model`` prepares it for k-bit
+    training and adds the adapters)."""
     if cfg.lora is None:
         raise ValueError(f"model.quantization={cfg.quantization!r} needs model.lora: a quantized base stays frozen, "
                          f"only adapters train")
@@ -110,7 +116,6 @@ def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[nn.Module, PreTr
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ValueError(f"model.quantization={cfg.quantization!r} needs bitsandbytes (pip install bitsandbytes)") from None
-    from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
     dtype = DTYPES[cfg.dtype]
@@ -125,16 +130,13 @@ def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[nn.Module, PreTr
         if cfg.name_or_path == "tiny":  # the built-in model goes through the same from_pretrained path
             plain, tokenizer = load_model(replace(cfg, quantization=None, lora=None), head)
             plain.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-        source = folder if cfg.name_or_path == "tiny" else _source(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            source = folder
+        else:
+            source = _source(cfg)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         model = cls.from_pretrained(source, quantization_config=quantization, dtype=dtype,
                                     trust_remote_code=cfg.trust_remote_code, **extra)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    return _add_lora(model, cfg.lora, head), tokenizer
+    return model, tokenizer
 
 
 def _add_lora(model: PreTrainedModel, lora: LoraSettings, head: ModelHead) -> nn.Module:
@@ -161,7 +163,7 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     For packed rows (:mod:`alignkit.pairs`) pass the 4D ``attention_mask``, the ``position_ids`` and ``score_at``,
     the ``(B, K)`` columns to read: the result is then ``(B, K)`` (decoder classifiers only).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap peft; adapters stay active
+    base = unwrap_peft(model)
     head = getattr(base, "score", None)
     if isinstance(head, nn.Module):
         backbone = getattr(base, base.base_model_prefix)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from alignkit.manager import PluginError
 from alignkit.ops import first_target_column, last_logits, token_logprobs
-from alignkit.pairs import CHOSEN, REJECTED, attention_implementation, check_shared_prompt, share_prompts
+from alignkit.pairs import CHOSEN, REJECTED, check_shared_prompt, share_prompts
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
 from alignkit_plugins.dpo.losses import DPOVariant, dpo_loss, sequence_logps
@@ -66,9 +66,9 @@ def shared_prompt_logps(model: nn.Module, batch: PreferenceBatch, length_normali
     packed = share_prompts(batch)
     S = packed.input_ids.shape[1]
     start = max(int(packed.prompt_length.min()) - 1, 0)  # first column whose logits predict a response token
-    mask = packed.attention_mask(attention_implementation(model), next(model.parameters()).dtype)
-    logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                   use_cache=False, **last_logits(model, S - start)).logits  # (B, S - start, V)
+    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask_for(model),
+                   position_ids=packed.position_ids, use_cache=False,
+                   **last_logits(model, S - start)).logits  # (B, S - start, V)
     start = S - logits.shape[1]
     token_logps = token_logprobs(logits[:, :-1], packed.input_ids[:, start + 1:])  # (B, S - start - 1)
     segment = packed.segment[:, start + 1:]
