@@ -1,10 +1,9 @@
 """Test-only: Lightning's ``DeepSpeedStrategy`` on CPU processes, so DeepSpeed's ZeRO paths run without a GPU.
 
 Lightning refuses DeepSpeed on anything but CUDA; DeepSpeed itself runs on the CPU through its CPU accelerator
-(``DS_ACCELERATOR=cpu``, gloo collectives). This subclass only skips Lightning's CUDA checks and passes the local rank where Lightning passes the GPU
-index; the ZeRO optimiser,
-partitioning, gradient reduction, checkpoints and the final weight gathering are DeepSpeed's and Lightning's code
-as on GPUs.
+(``DS_ACCELERATOR=cpu``, gloo collectives). This subclass only skips Lightning's CUDA checks and passes the local
+rank where Lightning passes the GPU index; the ZeRO optimiser, partitioning, gradient reduction, checkpoints and
+the final weight gathering are DeepSpeed's and Lightning's code as on GPUs.
 """
 
 import argparse
