@@ -507,7 +507,7 @@ def finish_result(spec: dict[str, Any], result: dict[str, Any], shape: ModelShap
     m = int(max(padded, 1))
     inner = _intermediate(spec)
     result["roofline_flops_per_s"], result["roofline_flops_per_s_cpu"] = time_matmul(
-        m, shape.hidden, inner, spec["device"], spec["dtype"], budget_s=0.05 if spec.get("smoke") else 0.3)
+        m, shape.hidden, inner, spec["device"], spec.get("compute_dtype", spec["dtype"]), budget_s=0.05 if spec.get("smoke") else 0.3)
     result["roofline_shape"] = [m, shape.hidden, inner]
     rate = lambda amount, seconds: amount / seconds if seconds > 0 else 0.0  # noqa: E731
     for clock, suffix in (("time", ""), ("cpu", "_cpu")):
@@ -674,6 +674,7 @@ def bench(
     shared_prompt: bool = True,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     dtype: Literal["float32", "bfloat16"] = "float32",
+    precision: Literal["32-true", "bf16-mixed"] = "32-true",
     threads: int | None = None,
     isolate: bool | None = None,
     smoke: bool = False,
@@ -701,6 +702,9 @@ def bench(
             ``DPO``, off by default in recipes); their FLOPs and MFU count the tokens actually run.
         device: ``auto`` picks cuda when available.
         dtype: parameter dtype of every model and of the roofline matmul.
+        precision: ``bf16-mixed``: bfloat16 autocast on both sides (alignkit's trainer ``precision``, TRL's
+            ``bf16=True``, TRL's own default), float32 weights and optimiser; the rooflines then time bfloat16
+            matrix products. ``32-true``: float32 compute (``dtype``) everywhere.
         threads: torch intra-op threads in every measurement (default: 1 on CPU, where a shared or
             oversubscribed machine makes multi-threaded small kernels erratic; torch's default on GPU).
         isolate: one subprocess per measurement, for clean peak-memory figures (default: true, false with smoke).
@@ -738,12 +742,14 @@ def bench(
             messages.append("trl is not installed: the TRL comparison is skipped (pip install trl)")
     for message in messages:
         print(f"[bench] {message}")
+    compute_dtype = "bfloat16" if precision == "bf16-mixed" else dtype
     report: dict[str, Any] = {"meta": environment(device, dtype, threads), "config": {
         "algorithms": algorithms, "sizes": [asdict(s) for s in sizes], "workload": asdict(workload), "steps": steps,
         "warmup": warmup, "repeats": repeats, "frameworks": frameworks, "group_by_length": group_by_length,
-        "shared_prompt": shared_prompt, "isolate": isolate, "deterministic": deterministic, "exact_memory": exact_memory},
+        "shared_prompt": shared_prompt, "isolate": isolate, "deterministic": deterministic, "exact_memory": exact_memory,
+        "precision": precision},
         "messages": messages, "results": []}
-    report["roofline_peak"] = peak_roofline(device, dtype, budget_s=0.05 if smoke else 1.0, side=256 if smoke else None)
+    report["roofline_peak"] = peak_roofline(device, compute_dtype, budget_s=0.05 if smoke else 1.0, side=256 if smoke else None)
     root = Path(tempfile.mkdtemp(prefix="alignkit-bench-assets-"))
     try:
         for size in sizes:
@@ -754,7 +760,8 @@ def bench(
                     for framework in frameworks:  # interleaved: ours, theirs, ours, theirs, ...
                         spec = {"framework": framework, "algorithm": algorithm, "size": asdict(size),
                                 "workload": asdict(workload), "paths": paths, "steps": steps, "warmup": warmup,
-                                "device": device, "dtype": dtype, "threads": threads, "seed": seed + repeat,
+                                "device": device, "dtype": dtype, "precision": precision,
+                                "compute_dtype": compute_dtype, "threads": threads, "seed": seed + repeat,
                                 "deterministic": deterministic, "smoke": smoke,
                                 "mmap_threshold": 65536 if exact_memory else None,
                                 "group_by_length": group_by_length, "shared_prompt": shared_prompt}

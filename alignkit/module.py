@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -32,6 +33,11 @@ from alignkit.ops import unwrap_peft
 from alignkit.plugin import Algorithm, Reward, RewardOutput
 from alignkit.rewards import RunningMoments, combine_rewards, normalize_rewards
 from alignkit.types import LossOutput, Rollout
+
+
+def _loss_scaling(trainer: L.Trainer) -> bool:
+    """Whether the trainer's precision scales the loss (``16-mixed``'s gradient scaler)."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
 
 
 @dataclass
@@ -47,8 +53,8 @@ class OptimizerConfig:
     """Decay after warm-up, over the trainer's total optimiser steps."""
     fused: bool | None = None
     """PyTorch's fused AdamW kernel (one kernel instead of ~10 ops per parameter); ``None``: fused when every
-    trained parameter is on CPU or CUDA and the precision is not ``16-mixed``/``bf16-mixed`` (Lightning's
-    mixed precision cannot clip the gradients of a fused optimiser)."""
+    trained parameter is on CPU or CUDA and the precision is not ``16-mixed`` (whose loss scaler a fused optimiser
+    unscales internally, so Lightning cannot clip its gradients; ``bf16-mixed`` has no scaler)."""
 
 
 @dataclass
@@ -213,14 +219,24 @@ class AlignModule(L.LightningModule):
         cfg = self.optimizer_config
         params = [p for p in self.parameters() if p.requires_grad]
         fused = cfg.fused
-        if fused is None:  # Lightning's mixed precision refuses gradient clipping with a fused optimiser
-            mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
-            fused = not mixed and all(p.device.type in ("cpu", "cuda") for p in params)
+        if fused is None:
+            fused = not _loss_scaling(self.trainer) and all(p.device.type in ("cpu", "cuda") for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
                                       fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and not _loss_scaling(self.trainer) and gradient_clip_val:
+            # bf16 autocast scales no loss, so a fused optimiser has nothing to unscale and clipping is exact;
+            # Lightning's MixedPrecision refuses to clip for any fused optimiser (a concern of 16-mixed only)
+            algorithm = GradClipAlgorithmType((gradient_clip_algorithm or self.trainer.gradient_clip_algorithm
+                                               or "norm").lower())
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

@@ -6,7 +6,8 @@ tokens that count and ``0`` elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -109,3 +110,24 @@ def last_logits(model: torch.nn.Module, count: int) -> dict[str, int]:
     (``logits_to_keep``); ``{}`` for a model without the option, which returns every position's logits.
     Callers slice from the end, or read how many columns came back from ``logits.shape[1]``."""
     return {"logits_to_keep": count} if accepts_argument(model, "logits_to_keep") else {}
+
+
+@contextmanager
+def cached_autocast(device_type: str) -> Iterator[None]:
+    """Inside a mixed-precision region, cast each trained weight to the low-precision dtype once for the
+    duration of the block instead of once per forward call; a no-op outside autocast.
+
+    Lightning's mixed precision autocasts with ``cache_enabled=False`` (weights change between steps), so every
+    forward casts every weight again: in a decoding loop that is one full copy of the weights per generated
+    token. For a block in which the weights do not change (a rollout) the casts are kept and reused, then
+    dropped on exit, so nothing stale outlives the block. torch caches only leaf tensors that require grad,
+    so frozen weights are still cast per call. The computed values are unchanged (the same deterministic cast).
+    """
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    try:
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()

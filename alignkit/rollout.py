@@ -202,43 +202,44 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
     was_training = model.training
     model.eval()
     try:
-        mask = attention_mask.long()
-        kwargs = ops.last_logits(model, 1)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    use_cache=True, **kwargs)
-        response = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
-        lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
-        ended = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(config.max_new_tokens):
-            logits = out.logits[:, -1]  # (B, V)
-            token = _sample_next(logits, config, generator)
-            token = torch.where(ended, torch.full_like(token, pad_id), token)
-            response[:, step] = token
-            logprobs[:, step] = ops.token_logprobs(logits[:, None], token[:, None], config.temperature)[:, 0]
-            stopped = ~ended & torch.isin(token, stop_ids_t)
-            if config.stop_strings:
-                for row in (~ended & ~stopped).nonzero().flatten().tolist():
-                    if _contains_stop(tokenizer, response[row, :step + 1], config.stop_strings):
-                        stopped[row] = True
-            lengths = torch.where(stopped, step + 1, lengths)
-            ended |= stopped
-            if bool(ended.all()) or step + 1 == config.max_new_tokens:
-                break
-            # finished rows keep feeding pad tokens (unmasked, so positions stay contiguous); their
-            # outputs are discarded
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask,
-                        position_ids=position_ids_from_mask(mask)[:, -1:],
-                        past_key_values=out.past_key_values, use_cache=True)
+        with ops.cached_autocast(device.type):  # mixed precision: one cast of the weights per rollout
+            mask = attention_mask.long()
+            kwargs = ops.last_logits(model, 1)
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        use_cache=True, **kwargs)
+            response = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
+            logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
+            lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+            ended = torch.zeros(batch, dtype=torch.bool, device=device)
+            for step in range(config.max_new_tokens):
+                logits = out.logits[:, -1]  # (B, V)
+                token = _sample_next(logits, config, generator)
+                token = torch.where(ended, torch.full_like(token, pad_id), token)
+                response[:, step] = token
+                logprobs[:, step] = ops.token_logprobs(logits[:, None], token[:, None], config.temperature)[:, 0]
+                stopped = ~ended & torch.isin(token, stop_ids_t)
+                if config.stop_strings:
+                    for row in (~ended & ~stopped).nonzero().flatten().tolist():
+                        if _contains_stop(tokenizer, response[row, :step + 1], config.stop_strings):
+                            stopped[row] = True
+                lengths = torch.where(stopped, step + 1, lengths)
+                ended |= stopped
+                if bool(ended.all()) or step + 1 == config.max_new_tokens:
+                    break
+                # finished rows keep feeding pad tokens (unmasked, so positions stay contiguous); their
+                # outputs are discarded
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                out = model(input_ids=token[:, None], attention_mask=mask,
+                            position_ids=position_ids_from_mask(mask)[:, -1:],
+                            past_key_values=out.past_key_values, use_cache=True)
 
-        response_length = int(lengths.max())
-        response = response[:, :response_length]
-        response_mask = (torch.arange(response_length, device=device)[None, :] < lengths[:, None]).long()
-        response = response.masked_fill(response_mask == 0, pad_id)
-        logprobs = logprobs[:, :response_length].masked_fill(response_mask == 0, 0.0)
-        sequences = torch.cat([input_ids, response], dim=1)
-        full_mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
+            response_length = int(lengths.max())
+            response = response[:, :response_length]
+            response_mask = (torch.arange(response_length, device=device)[None, :] < lengths[:, None]).long()
+            response = response.masked_fill(response_mask == 0, pad_id)
+            logprobs = logprobs[:, :response_length].masked_fill(response_mask == 0, 0.0)
+            sequences = torch.cat([input_ids, response], dim=1)
+            full_mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
     finally:
         model.train(was_training)
 

@@ -72,7 +72,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     steps = spec["warmup"] + spec["steps"]
     tmp = tempfile.mkdtemp(prefix="trl-bench-")
     common = dict(output_dir=tmp, per_device_train_batch_size=work.batch_size, max_steps=steps, learning_rate=1e-5,
-                  report_to="none", logging_steps=10 ** 9, save_strategy="no", eval_strategy="no", bf16=False,
+                  report_to="none", logging_steps=10 ** 9, save_strategy="no", eval_strategy="no",
+                  bf16=spec.get("precision") == "bf16-mixed",
                   fp16=False, gradient_checkpointing=False, use_cpu=not device.startswith("cuda"), disable_tqdm=True,
                   seed=spec["seed"], dataloader_num_workers=0)
     grouped = bool(spec.get("group_by_length")) and algorithm != "ppo"

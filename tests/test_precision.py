@@ -2,8 +2,9 @@
 ``16-mixed`` with its gradient scaler, which Lightning only builds on CPU when the plugin is given explicitly, as
 it turns a plain ``precision=16-mixed`` into bf16 there): every stage trains, with gradient clipping, and its
 exported model computes finite log-probs. Catches what mixed precision
-changes: bf16 logits reaching the log-prob and loss math, and Lightning refusing to clip the gradients of a
-fused optimiser (so the fused AdamW default stays off under mixed precision)."""
+changes: bf16 logits reaching the log-prob and loss math, and gradient clipping with the fused AdamW default
+(Lightning's MixedPrecision refuses it; alignkit clips itself under bf16-mixed, which scales no loss, and keeps
+AdamW unfused under 16-mixed, whose scaler the fused kernel would unscale)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,30 @@ def test_mixed_precision_trains_every_stage(stage, precision, tmp_path, monkeypa
     shape = {a.split("=")[0].rsplit(".", 1)[1]: int(a.split("=")[1]) for a in TINY_MODEL if ".tiny." in a}
     initial = load_model(ModelConfig(tiny=TinyModelConfig(**shape)), "causal_lm")[0]
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values()))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_fused_adamw_under_bf16_and_exact_clipping(precision):
+    """bf16 autocast scales no loss, so the fused AdamW default stays on and gradient clipping (which Lightning's
+    MixedPrecision refuses for any fused optimiser) clips to the exact norm; 16-mixed's scaler keeps it off."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from alignkit.module import AlignModule
+    from alignkit_plugins.sft import SFT
+
+    module = AlignModule(algorithm=SFT(), policy=ModelConfig(tiny=TinyModelConfig(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)))
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=1, enable_progress_bar=False,
+                               plugins=[MixedPrecision(precision, "cpu")])
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is (True if precision == "bf16-mixed" else None)
+    torch.manual_seed(0)
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in params]
+    norm = torch.nn.utils.get_total_norm(before)
+    module.clip_gradients(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert torch.nn.utils.get_total_norm([p.grad for p in params]) == pytest.approx(0.5, rel=1e-5)
+    torch.testing.assert_close(params[0].grad, before[0] * 0.5 / (norm + 1e-6))

@@ -289,3 +289,56 @@ def test_positions_ignore_left_padding(model, tokenizer):
     assert prefill == [[0, 0, 0, 1, 2], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]]
     assert step1 == [[3], [1], [5]] and step2 == [[4], [2], [6]]
     assert rollout.response_mask.all()
+
+
+class CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bfloat16 casts of the LM head weight (each autocast cast is one ``aten._to_copy``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.pointer, self.casts = weight.data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() == self.pointer \
+                and kwargs.get("dtype") == torch.bfloat16:
+            self.casts += 1
+        return func(*args, **kwargs)
+
+
+def test_mixed_precision_rollout_casts_the_weights_once(model, tokenizer, monkeypatch):
+    """Under Lightning's autocast (``cache_enabled=False``) a rollout casts each trained weight once, not once per
+    decoding step; the samples are the same, and a weight changed between rollouts is cast afresh."""
+    import contextlib
+
+    from alignkit import ops
+
+    config = SamplingConfig(max_new_tokens=6)
+    sample = lambda: run(model, tokenizer, config, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with CastCounter(model.lm_head.weight) as counter:
+            cached = sample()
+        assert counter.casts == 1 and not torch.is_autocast_cache_enabled()
+        with monkeypatch.context() as m:
+            m.setattr(ops, "cached_autocast", lambda device_type: contextlib.nullcontext())
+            with CastCounter(model.lm_head.weight) as counter:
+                per_call = sample()
+            assert counter.casts == 6  # the prefill and five decoding steps
+        assert torch.equal(cached.sequences, per_call.sequences) and torch.equal(cached.logprobs, per_call.logprobs)
+        original = model.lm_head.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                model.lm_head.weight.mul_(-3.0)  # as an optimiser step would, in the same autocast region
+            changed = sample()
+        finally:
+            with torch.no_grad():
+                model.lm_head.weight.copy_(original)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-3.0)
+        try:
+            fresh = sample()
+        finally:
+            with torch.no_grad():
+                model.lm_head.weight.copy_(original)
+    assert torch.equal(changed.logprobs, fresh.logprobs) and not torch.equal(changed.logprobs, cached.logprobs)
