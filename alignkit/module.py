@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
+from alignkit import ops
 from alignkit.checkpoint import rng_states, set_rng_states
 from alignkit.manager import PluginError, call_each, call_first, build_manager
 from alignkit.models.loading import ModelConfig, load_model
@@ -246,6 +247,16 @@ class AlignModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx: int):
+        with ops.training_attention(self.device.type, self.compute_dtype()):
+            return self._training_step(batch)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the policy's matrix products run in: autocast's, else the weights'."""
+        if torch.is_autocast_enabled(self.device.type):
+            return torch.get_autocast_dtype(self.device.type)
+        return next(self.policy.parameters()).dtype
+
+    def _training_step(self, batch):
         if self.algorithm.online:
             return self.online_step(batch)
         out = self.loss(batch)

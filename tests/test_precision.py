@@ -84,3 +84,56 @@ def test_fused_adamw_under_bf16_and_exact_clipping(precision):
     module.clip_gradients(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
     assert torch.nn.utils.get_total_norm([p.grad for p in params]) == pytest.approx(0.5, rel=1e-5)
     torch.testing.assert_close(params[0].grad, before[0] * 0.5 / (norm + 1e-6))
+
+
+def attention_kernels(run) -> set[str]:
+    """The scaled-dot-product-attention kernels (forward and backward) that ``run()`` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_cpu_training_step_attention_kernel(autocast):
+    """Under CPU bf16 autocast a training step runs SDPA's math kernel (the flash kernel's bf16 backward is
+    4-6x slower there) and computes the same loss and gradients as the flash kernel; in float32 it keeps flash."""
+    import contextlib
+
+    import lightning as L
+
+    from alignkit.module import AlignModule
+    from alignkit.types import SFTBatch
+    from alignkit_plugins.sft import SFT
+
+    torch.manual_seed(0)
+    module = AlignModule(algorithm=SFT(), policy=ModelConfig(tiny=TinyModelConfig(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)))
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=1, enable_progress_bar=False)
+    module.should_log = lambda stepped: False
+    ids = torch.randint(3, 100, (2, 12))
+    batch = SFTBatch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)) if autocast \
+        else contextlib.nullcontext
+    results = []
+
+    def train(step):
+        def run():
+            module.zero_grad(set_to_none=True)
+            with precision():
+                loss = step()
+            loss.backward()
+            results.append((loss.detach(), module.policy.lm_head.weight.grad.clone()))
+        return run
+
+    chosen = attention_kernels(train(lambda: module.training_step(batch, 0)))
+    default = attention_kernels(train(lambda: module.loss(batch).loss))  # torch's own choice: flash
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert flash in default
+    if autocast:
+        assert flash not in chosen and "aten::_scaled_dot_product_attention_math" in chosen
+        torch.testing.assert_close(results[0], results[1], rtol=0.02, atol=1e-3)  # bf16 rounding apart
+    else:
+        assert flash in chosen
+        torch.testing.assert_close(results[0], results[1])
