@@ -120,3 +120,34 @@ def test_aggregate_takes_medians_and_ratios_compare_frameworks():
     (ratio,) = ratios([ours, theirs, failed])
     assert ratio["speedup"] == 2.0 and ratio["memory_ratio"] == 0.5 and ratio["theirs"] == "trl"
     assert math.isnan(ratios([ours, {**theirs, "train_tokens_per_s": 0.0}])[0]["speedup"])
+
+
+def test_bf16_mixed_reaches_both_trainers(tmp_path, monkeypatch):
+    """``--precision=bf16-mixed`` is Lightning's precision on alignkit's side and ``bf16=True`` on TRL's, and the
+    rooflines are timed in bfloat16."""
+    pytest.importorskip("trl")
+    import lightning as L
+    import transformers
+
+    precisions, bf16, rooflines = [], [], []
+    lightning_init, args_init = L.Trainer.__init__, transformers.TrainingArguments.__post_init__
+
+    def trainer_init(self, *args, **kwargs):
+        precisions.append(kwargs.get("precision"))
+        lightning_init(self, *args, **kwargs)
+
+    def args_post_init(self):
+        bf16.append(self.bf16)
+        args_init(self)
+
+    import alignkit.bench as ab
+
+    time_matmul = ab.time_matmul
+    monkeypatch.setattr(L.Trainer, "__init__", trainer_init)
+    monkeypatch.setattr(transformers.TrainingArguments, "__post_init__", args_post_init)
+    monkeypatch.setattr(ab, "time_matmul", lambda *a, **k: (rooflines.append(a[4]), time_matmul(*a, **k))[1])
+    report = bench(smoke=True, algorithms=["dpo"], compare=["trl"], precision="bf16-mixed",
+                   output=str(tmp_path / "b.json"))
+    assert all("error" not in r for r in report["results"]), [r.get("error") for r in report["results"]]
+    assert precisions == ["bf16-mixed"] and bf16 and all(bf16) and report["config"]["precision"] == "bf16-mixed"
+    assert rooflines and set(rooflines) == {"bfloat16"}
