@@ -507,7 +507,8 @@ def finish_result(spec: dict[str, Any], result: dict[str, Any], shape: ModelShap
     m = int(max(padded, 1))
     inner = _intermediate(spec)
     result["roofline_flops_per_s"], result["roofline_flops_per_s_cpu"] = time_matmul(
-        m, shape.hidden, inner, spec["device"], spec.get("compute_dtype", spec["dtype"]), budget_s=0.05 if spec.get("smoke") else 0.3)
+        m, shape.hidden, inner, spec["device"], compute_dtype(spec.get("precision"), spec["dtype"]),
+        budget_s=0.05 if spec.get("smoke") else 0.3)
     result["roofline_shape"] = [m, shape.hidden, inner]
     rate = lambda amount, seconds: amount / seconds if seconds > 0 else 0.0  # noqa: E731
     for clock, suffix in (("time", ""), ("cpu", "_cpu")):
@@ -528,6 +529,11 @@ def finish_result(spec: dict[str, Any], result: dict[str, Any], shape: ModelShap
     if not spec.get("keep_steps"):
         result.pop("per_step", None)
     return result
+
+
+def compute_dtype(precision: str | None, dtype: str) -> str:
+    """The dtype the matrix products run in (what the rooflines time): bfloat16 under ``bf16-mixed``, else ``dtype``."""
+    return "bfloat16" if precision == "bf16-mixed" else dtype
 
 
 def _intermediate(spec: dict[str, Any]) -> int:
@@ -742,14 +748,13 @@ def bench(
             messages.append("trl is not installed: the TRL comparison is skipped (pip install trl)")
     for message in messages:
         print(f"[bench] {message}")
-    compute_dtype = "bfloat16" if precision == "bf16-mixed" else dtype
     report: dict[str, Any] = {"meta": environment(device, dtype, threads), "config": {
         "algorithms": algorithms, "sizes": [asdict(s) for s in sizes], "workload": asdict(workload), "steps": steps,
         "warmup": warmup, "repeats": repeats, "frameworks": frameworks, "group_by_length": group_by_length,
         "shared_prompt": shared_prompt, "isolate": isolate, "deterministic": deterministic, "exact_memory": exact_memory,
         "precision": precision},
         "messages": messages, "results": []}
-    report["roofline_peak"] = peak_roofline(device, compute_dtype, budget_s=0.05 if smoke else 1.0, side=256 if smoke else None)
+    report["roofline_peak"] = peak_roofline(device, compute_dtype(precision, dtype), budget_s=0.05 if smoke else 1.0, side=256 if smoke else None)
     root = Path(tempfile.mkdtemp(prefix="alignkit-bench-assets-"))
     try:
         for size in sizes:
@@ -760,8 +765,8 @@ def bench(
                     for framework in frameworks:  # interleaved: ours, theirs, ours, theirs, ...
                         spec = {"framework": framework, "algorithm": algorithm, "size": asdict(size),
                                 "workload": asdict(workload), "paths": paths, "steps": steps, "warmup": warmup,
-                                "device": device, "dtype": dtype, "precision": precision,
-                                "compute_dtype": compute_dtype, "threads": threads, "seed": seed + repeat,
+                                "device": device, "dtype": dtype, "precision": precision, "threads": threads,
+                                "seed": seed + repeat,
                                 "deterministic": deterministic, "smoke": smoke,
                                 "mmap_threshold": 65536 if exact_memory else None,
                                 "group_by_length": group_by_length, "shared_prompt": shared_prompt}

@@ -233,13 +233,13 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
                             position_ids=position_ids_from_mask(mask)[:, -1:],
                             past_key_values=out.past_key_values, use_cache=True)
 
-            response_length = int(lengths.max())
-            response = response[:, :response_length]
-            response_mask = (torch.arange(response_length, device=device)[None, :] < lengths[:, None]).long()
-            response = response.masked_fill(response_mask == 0, pad_id)
-            logprobs = logprobs[:, :response_length].masked_fill(response_mask == 0, 0.0)
-            sequences = torch.cat([input_ids, response], dim=1)
-            full_mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
+        response_length = int(lengths.max())
+        response = response[:, :response_length]
+        response_mask = (torch.arange(response_length, device=device)[None, :] < lengths[:, None]).long()
+        response = response.masked_fill(response_mask == 0, pad_id)
+        logprobs = logprobs[:, :response_length].masked_fill(response_mask == 0, 0.0)
+        sequences = torch.cat([input_ids, response], dim=1)
+        full_mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
     finally:
         model.train(was_training)
 

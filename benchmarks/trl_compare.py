@@ -13,19 +13,19 @@ ppo        ``RLOOTrainer``              ``B`` completions per iteration (``B/2``
 ========== ============================ ====================================================
 
 Both sides: float32 weights and compute (TRL defaults to bf16 autocast and gradient checkpointing; both are
-switched off here, since alignkit runs neither unless asked; ``spec["precision"] == "bf16-mixed"`` from ``alignkit
-bench --precision=bf16-mixed`` turns bf16 autocast on for both sides), no evaluation, no checkpoints, no logging
+switched off here, since alignkit runs neither unless asked; ``alignkit bench --precision=bf16-mixed`` turns
+bf16 autocast on for both sides), no evaluation, no checkpoints, no logging
 (``report_to="none"``, logging interval beyond the run), the same batch size, ``max_length`` and seed, one
-dataloader process. With ``spec["group_by_length"]`` (``alignkit bench --group_by_length``, default true) the SFT,
-RM and DPO trainers sample with ``train_sampling_strategy="group_by_length"`` (transformers'
-``LengthGroupedSampler``), as alignkit's data modules do with their ``group_by_length``; RM and DPO rows have no
-``input_ids`` for that sampler to measure, so a ``length`` column (prompt + longer response, from the trainer's
-own token ids) is added to the prepared data set and kept with ``remove_unused_columns=False`` (the collators read
-only their own keys). RLOO's prompt sampler (``RepeatSampler``) has no length grouping. Data: the sentiment task's
-synthetic preference pairs written by :func:`alignkit.bench.prepare_assets`; TRL concatenates prompt and
-completion *text*, so completions get a leading space, which gives exactly the token ids alignkit builds from the
-separately encoded prompt and response (the tiny tokenizer's Metaspace pre-tokeniser starts every word with
-``▁``).
+dataloader process. With ``spec["group_by_length"]`` (``alignkit bench --group_by_length``, default true) the
+SFT, RM and DPO trainers sample with ``train_sampling_strategy="group_by_length"`` (transformers'
+``LengthGroupedSampler``), as alignkit's data modules do with their ``group_by_length``; RM and DPO rows have
+no ``input_ids`` for that sampler to measure, so a ``length`` column (prompt + longer response, from the
+trainer's own token ids) is added to the prepared data set and kept with ``remove_unused_columns=False``
+(the collators read only their own keys). RLOO's prompt sampler (``RepeatSampler``) has no length grouping.
+Data: the sentiment task's synthetic preference pairs written by
+:func:`alignkit.bench.prepare_assets`; TRL concatenates prompt and completion *text*, so completions get a
+leading space, which gives exactly the token ids alignkit builds from the separately encoded prompt and
+response (the tiny tokenizer's Metaspace pre-tokeniser starts every word with ``▁``).
 
 Run standalone (the same as ``alignkit bench --compare '[trl]'``)::
 
