@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from alignkit import ops
+from alignkit.models.final_layer import final_layer_at
 from alignkit.types import Rollout
 
 
@@ -91,9 +92,11 @@ def response_logprobs(model: torch.nn.Module, sequences: Tensor, attention_mask:
     if prompt_length < 1:
         raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
     response_length = sequences.shape[1] - prompt_length
-    kwargs = ops.last_logits(model, response_length + 1)  # only the logits that predict response tokens
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
+    keep = response_length + 1  # only the logits that predict response tokens (and the final layer only there)
+    with final_layer_at(model, keep):
+        logits = model(input_ids=sequences, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                       **ops.last_logits(model, keep)).logits
     logits = logits[:, -(response_length + 1):-1]  # (B, R, V): position t predicts token t + 1
     logprobs = ops.token_logprobs(logits, sequences[:, prompt_length:], temperature)
     return logprobs * attention_mask[:, prompt_length:].to(logprobs.dtype)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.models.final_layer import final_layer_at
 from alignkit.ops import first_target_column, last_logits
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, SFTBatch
@@ -57,9 +58,11 @@ class SFT(Algorithm):
         # The LM head runs only from the column before the batch's first labelled token: the logits of the
         # prompt columns every row shares carry no target (at a 32k vocabulary the LM head is most of the work).
         T = batch.input_ids.shape[1]
-        extra = last_logits(module.policy, T - first_target_column(batch.labels != IGNORE) + 1)
-        logits = module.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False, **extra).logits  # (B, T - start, V)
+        keep = T - first_target_column(batch.labels != IGNORE) + 1
+        with final_layer_at(module.policy, keep):  # so does the final decoder layer
+            logits = module.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   position_ids=batch.position_ids, use_cache=False,
+                                   **last_logits(module.policy, keep)).logits  # (B, T - start, V)
         start = T - logits.shape[1]  # the first column with logits
         tokens = module.reduce_mean((batch.labels[:, 1:] != IGNORE).sum())  # global token mean under DDP
         loss, count = sft_loss(logits, batch.labels[:, start:], self.label_smoothing, tokens)

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from alignkit.models.final_layer import final_layer_at
 from alignkit.models.tiny import TinyModelConfig, build_tiny_model
 from alignkit.ops import accepts_argument, unwrap_peft
 
@@ -161,7 +162,8 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     Decoder classifiers (``*ForSequenceClassification`` with a ``score`` head) are pooled here from the
     per-token scores, independent of which id the padding uses; other classifiers use their own pooling.
     For packed rows (:mod:`alignkit.pairs`) pass the 4D ``attention_mask``, the ``position_ids`` and ``score_at``,
-    the ``(B, K)`` columns to read: the result is then ``(B, K)`` (decoder classifiers only).
+    the ``(B, K)`` columns to read: the result is then ``(B, K)`` (decoder classifiers only). The final decoder layer
+    runs at the scored columns only where the model allows it (:func:`~alignkit.models.final_layer.final_layer_at`).
     """
     base = unwrap_peft(model)
     head = getattr(base, "score", None)
@@ -170,10 +172,14 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
         extra = {"use_cache": False} if accepts_argument(backbone, "use_cache") else {}  # no KV cache to build
         if position_ids is not None:
             extra["position_ids"] = position_ids
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state  # (B, T, H)
         index = last_token_index(attention_mask) if score_at is None else score_at  # (B,) or (B, K)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows.view(-1, *[1] * (index.dim() - 1)), index]  # (B, H) or (B, K, H)
+        with final_layer_at(backbone, index) as only_read:  # the last layer runs at the scored columns alone
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if only_read:  # (B, K, H), or (B, 1, H) for a (B,) index
+            pooled = hidden if index.dim() > 1 else hidden[:, 0]
+        else:  # (B, T, H)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            pooled = hidden[rows.view(-1, *[1] * (index.dim() - 1)), index]  # (B, H) or (B, K, H)
         return head(pooled).squeeze(-1).float()
     if score_at is not None:
         raise ValueError(f"{type(base).__name__} has no per-token score head; it cannot score packed rows "

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from alignkit.models.final_layer import final_layer_at
 from alignkit.ops import entropy_from_logits, last_logits, masked_mean, token_logprobs
 from alignkit.plugin import OnlineAlgorithm, hookimpl
 from alignkit.rollout import SamplingConfig, position_ids_from_mask, response_logprobs
@@ -89,12 +90,13 @@ def policy_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, 
     state at those positions ``(B, R, H)`` when asked (for a value head). The LM head runs on the last
     ``R + 1`` positions only when the model allows it; hidden states always cover every position."""
     R = sequences.shape[1] - prompt_length
-    kwargs = last_logits(model, R + 1)
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, output_hidden_states=need_hidden, **kwargs)
+    with final_layer_at(model, R + 1):
+        out = model(input_ids=sequences, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                    output_hidden_states=need_hidden, **last_logits(model, R + 1))
     logits = out.logits[:, -(R + 1):-1]  # position t predicts token t + 1
     logprobs = token_logprobs(logits, sequences[:, prompt_length:], temperature)
-    hidden = out.hidden_states[-1][:, prompt_length - 1:-1] if need_hidden else None
+    hidden = out.hidden_states[-1][:, -(R + 1):-1] if need_hidden else None  # (B, R, H), read from the end
     return logprobs, logits, hidden
 
 
