@@ -14,8 +14,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import alignkit.models.final_layer as final_layer
 from alignkit.models.final_layer import final_decoder_layer, final_layer_at
 from alignkit.models.loading import sequence_scores
+from alignkit.pairs import share_prompts
+from alignkit.types import PreferenceBatch
 
 
 def llama(attention: str = "sdpa", kv_heads: int = 4, head: type = LlamaForCausalLM, layers: int = 2):
@@ -34,6 +37,13 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, 0), mask  # 0 is the pad id
 
 
+def mlp_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
+    """The output shapes of the last layer's MLP in the forwards that follow: ``(B, K, H)`` on the fast path."""
+    shapes = []
+    model.model.layers[-1].mlp.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    return shapes
+
+
 def grads(model: torch.nn.Module) -> list[torch.Tensor]:
     out = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -47,12 +57,14 @@ def test_last_columns_match_the_full_forward(attention, kv_heads, padded):
     model = llama(attention, kv_heads).train()
     ids, mask = batch()
     mask = mask if padded else torch.ones_like(mask)  # unpadded: transformers passes no mask to the layers
-    full = model(input_ids=ids, attention_mask=mask, logits_to_keep=4).logits
+    full = model(input_ids=ids, attention_mask=mask, logits_to_keep=4, use_cache=False).logits
     full.square().sum().backward()
     expected = grads(model)
+    shapes = mlp_shapes(model)
     with final_layer_at(model, 4) as only_read:
-        part = model(input_ids=ids, attention_mask=mask, logits_to_keep=4).logits
+        part = model(input_ids=ids, attention_mask=mask, logits_to_keep=4, use_cache=False).logits
     assert only_read and part.shape == full.shape == (3, 4, 50)
+    assert shapes == [(3, 4, 32)]  # the last layer's MLP ran at the 4 kept columns only
     torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
     part.square().sum().backward()
     for got, want in zip(grads(model), expected):
@@ -62,11 +74,12 @@ def test_last_columns_match_the_full_forward(attention, kv_heads, padded):
 def test_columns_per_row_read_from_the_backbone():
     model = llama()
     ids, mask = batch()
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (3, 9, 32)
+    hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (3, 9, 32)
     index = torch.tensor([[8, 3], [5, 0], [8, 2]])
+    shapes = mlp_shapes(model)
     with final_layer_at(model, index):
-        part = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert part.shape == (3, 2, 32)
+        part = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    assert part.shape == (3, 2, 32) and shapes == [(3, 2, 32)]
     torch.testing.assert_close(part, hidden[torch.arange(3)[:, None], index], atol=1e-5, rtol=1e-5)
     assert "forward" not in vars(model.model.layers[-1])  # the layer is itself again after the block
 
@@ -77,10 +90,11 @@ def test_qwen3_query_and_key_norms():
                          num_key_value_heads=2, head_dim=8, intermediate_size=64)
     model = Qwen3ForCausalLM(config).eval()
     ids, mask = batch()
-    full = model(input_ids=ids, attention_mask=mask, logits_to_keep=3).logits
+    full = model(input_ids=ids, attention_mask=mask, logits_to_keep=3, use_cache=False).logits
+    shapes = mlp_shapes(model)
     with final_layer_at(model, 3) as only_read:
-        part = model(input_ids=ids, attention_mask=mask, logits_to_keep=3).logits
-    assert only_read
+        part = model(input_ids=ids, attention_mask=mask, logits_to_keep=3, use_cache=False).logits
+    assert only_read and shapes == [(3, 3, 32)]
     torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
 
 
@@ -102,14 +116,43 @@ def test_reward_scores_and_gradients_unchanged():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_scores_with_the_block_mask(attention, monkeypatch):
+    model = llama(attention, head=LlamaForSequenceClassification).train()
+    ids = torch.randint(1, 50, (4, 8), generator=torch.Generator().manual_seed(2))
+    lengths, prompts = [8, 6, 7, 5], [3, 2, 3, 2]  # rows 0-1 chosen, 2-3 rejected, after the same prompts
+    ids[2, :3], ids[3, :2] = ids[0, :3], ids[1, :2]
+    mask = (torch.arange(8)[None] < torch.tensor(lengths)[:, None]).long()
+    loss_mask = mask * (torch.arange(8)[None] >= torch.tensor(prompts)[:, None])
+    packed = share_prompts(PreferenceBatch(input_ids=ids * mask, attention_mask=mask, loss_mask=loss_mask,
+                                           margin=torch.zeros(2), index=torch.arange(2)))
+    at = torch.stack([packed.chosen_end, packed.rejected_end], 1)  # (2, 2)
+
+    def scores() -> torch.Tensor:
+        return sequence_scores(model, packed.input_ids, packed.attention_mask_for(model), packed.position_ids, at)
+
+    shapes = mlp_shapes(model)
+    fast = scores()
+    assert packed.input_ids.shape == (2, 12) and shapes == [(2, 2, 32)]  # the MLP ran at 2 of the 12 columns
+    fast.square().sum().backward()
+    fast_grads = grads(model)
+    monkeypatch.setattr(final_layer, "final_decoder_layer", lambda model: None)  # the whole last layer
+    full = scores()
+    full.square().sum().backward()
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fast_grads, grads(model)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_bf16_autocast_within_rounding():
     model = llama(layers=3)
     ids, mask = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        full = model(input_ids=ids, attention_mask=mask, logits_to_keep=5).logits
+        full = model(input_ids=ids, attention_mask=mask, logits_to_keep=5, use_cache=False).logits
+        shapes = mlp_shapes(model)
         with final_layer_at(model, 5):
-            part = model(input_ids=ids, attention_mask=mask, logits_to_keep=5).logits
-    assert part.dtype == full.dtype == torch.bfloat16
+            part = model(input_ids=ids, attention_mask=mask, logits_to_keep=5, use_cache=False).logits
+    assert shapes == [(3, 5, 32)] and part.dtype == full.dtype == torch.bfloat16
     torch.testing.assert_close(part.float(), full.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -139,3 +182,17 @@ def test_the_layer_is_restored_after_an_error():
         with final_layer_at(model, 2):
             raise RuntimeError("boom")
     assert "forward" not in vars(model.model.layers[-1])
+
+
+def test_ppo_policy_pass_and_value_hidden_states(monkeypatch):
+    from alignkit_plugins.ppo.algorithm import policy_forward
+
+    model = llama()
+    sequences, mask = batch()  # prompts: the first 4 columns
+    shapes = mlp_shapes(model)
+    fast = policy_forward(model, sequences, mask, 4, 0.7, need_hidden=True)  # (log-probs, logits, hidden)
+    assert shapes == [(3, 6, 32)]  # the R + 1 = 6 kept columns
+    monkeypatch.setattr(final_layer, "final_decoder_layer", lambda model: None)
+    for got, want in zip(fast, policy_forward(model, sequences, mask, 4, 0.7, need_hidden=True)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
