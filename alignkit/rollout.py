@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from alignkit import ops
-from alignkit.models.final_layer import final_layer_at
+from alignkit.models.final_layer import last_columns
 from alignkit.types import Rollout
 
 
@@ -93,10 +93,9 @@ def response_logprobs(model: torch.nn.Module, sequences: Tensor, attention_mask:
         raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
     response_length = sequences.shape[1] - prompt_length
     keep = response_length + 1  # only the logits that predict response tokens (and the final layer only there)
-    with final_layer_at(model, keep):
+    with last_columns(model, keep) as extra:
         logits = model(input_ids=sequences, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                       **ops.last_logits(model, keep)).logits
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False, **extra).logits
     logits = logits[:, -(response_length + 1):-1]  # (B, R, V): position t predicts token t + 1
     logprobs = ops.token_logprobs(logits, sequences[:, prompt_length:], temperature)
     return logprobs * attention_mask[:, prompt_length:].to(logprobs.dtype)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.models.final_layer import final_layer_at
-from alignkit.ops import first_target_column, last_logits
+from alignkit.models.final_layer import last_columns
+from alignkit.ops import first_target_column
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, SFTBatch
 
@@ -59,10 +59,10 @@ class SFT(Algorithm):
         # prompt columns every row shares carry no target (at a 32k vocabulary the LM head is most of the work).
         T = batch.input_ids.shape[1]
         keep = T - first_target_column(batch.labels != IGNORE) + 1
-        with final_layer_at(module.policy, keep):  # so does the final decoder layer
+        with last_columns(module.policy, keep) as extra:  # so does the final decoder layer
             logits = module.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                    position_ids=batch.position_ids, use_cache=False,
-                                   **last_logits(module.policy, keep)).logits  # (B, T - start, V)
+                                   **extra).logits  # (B, T - start, V)
         start = T - logits.shape[1]  # the first column with logits
         tokens = module.reduce_mean((batch.labels[:, 1:] != IGNORE).sum())  # global token mean under DDP
         loss, count = sft_loss(logits, batch.labels[:, start:], self.label_smoothing, tokens)

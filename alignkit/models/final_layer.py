@@ -26,19 +26,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import Tensor, nn
 
-from alignkit.ops import unwrap_peft
+from alignkit.ops import last_logits, unwrap_peft
 
 SUPPORTED_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
+_LAYERS_RETURN_TENSORS = int(transformers.__version__.split(".")[0]) >= 5  # they returned tuples before 5.0
 
 
 def final_decoder_layer(model: nn.Module) -> nn.Module | None:
     """The last decoder layer of ``model`` (a transformers model, or a peft wrapper of one) when
     :func:`final_layer_at` can compute it at a subset of columns, else None."""
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) < 5:  # decoder layers returned tuples before 5.0
+    if not _LAYERS_RETURN_TENSORS:
         return None
     base = unwrap_peft(model)
     backbone = getattr(base, getattr(base, "base_model_prefix", ""), base)
@@ -83,6 +83,16 @@ def final_layer_at(model: nn.Module, columns: Tensor | int) -> Iterator[bool]:
         yield True
     finally:
         del layer.forward
+
+
+@contextmanager
+def last_columns(model: nn.Module, count: int) -> Iterator[dict[str, int]]:
+    """Read a causal LM at its last ``count`` columns: within the block the final decoder layer runs there only
+    (:func:`final_layer_at`), and the yielded forward keyword arguments make the LM head do the same
+    (``logits_to_keep``, :func:`alignkit.ops.last_logits`; ``{}`` for a model without the option, whose logits
+    then cover every column, so callers slice them from the end)."""
+    with final_layer_at(model, count):
+        yield last_logits(model, count)
 
 
 def _read_index(columns: Tensor | int, batch: int, length: int, device: torch.device) -> Tensor:

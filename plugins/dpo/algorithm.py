@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.manager import PluginError
-from alignkit.models.final_layer import final_layer_at
-from alignkit.ops import first_target_column, last_logits, token_logprobs
+from alignkit.models.final_layer import last_columns
+from alignkit.ops import first_target_column, token_logprobs
 from alignkit.pairs import CHOSEN, REJECTED, check_shared_prompt, share_prompts
 from alignkit.plugin import Algorithm, hookimpl
 from alignkit.types import LossOutput, PreferenceBatch
@@ -44,9 +44,9 @@ def concatenated_logps(model: nn.Module, batch: PreferenceBatch, length_normaliz
     # columns every row shares carry no target, and at a real vocabulary the LM head dominates the step.
     T = batch.input_ids.shape[1]
     keep = T - first_target_column(batch.loss_mask) + 1
-    with final_layer_at(model, keep):
+    with last_columns(model, keep) as extra:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                       **last_logits(model, keep)).logits  # (2B, T - start, V): columns start .. T-1
+                       **extra).logits  # (2B, T - start, V): columns start .. T-1
     start = T - logits.shape[1]
     token_logps = token_logprobs(logits[:, :-1], batch.input_ids[:, start + 1:])  # (2B, T - start - 1)
     logps = sequence_logps(token_logps, batch.loss_mask[:, start + 1:], length_normalize)  # (2B,)
@@ -68,10 +68,9 @@ def shared_prompt_logps(model: nn.Module, batch: PreferenceBatch, length_normali
     packed = share_prompts(batch)
     S = packed.input_ids.shape[1]
     start = max(int(packed.prompt_length.min()) - 1, 0)  # first column whose logits predict a response token
-    with final_layer_at(model, S - start):
+    with last_columns(model, S - start) as extra:
         logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask_for(model),
-                       position_ids=packed.position_ids, use_cache=False,
-                       **last_logits(model, S - start)).logits  # (B, S - start, V)
+                       position_ids=packed.position_ids, use_cache=False, **extra).logits  # (B, S - start, V)
     start = S - logits.shape[1]
     token_logps = token_logprobs(logits[:, :-1], packed.input_ids[:, start + 1:])  # (B, S - start - 1)
     segment = packed.segment[:, start + 1:]

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from alignkit.models.final_layer import final_layer_at
-from alignkit.ops import entropy_from_logits, last_logits, masked_mean, token_logprobs
+from alignkit.models.final_layer import last_columns
+from alignkit.ops import entropy_from_logits, masked_mean, token_logprobs
 from alignkit.plugin import OnlineAlgorithm, hookimpl
 from alignkit.rollout import SamplingConfig, position_ids_from_mask, response_logprobs
 from alignkit.types import LossOutput, Rollout, TensorRecord
@@ -88,12 +88,13 @@ def policy_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, 
     """One forward pass over prompt + response: log-probs ``(B, R)`` of the response tokens under
     ``softmax(logits / temperature)``, the logits that predicted them ``(B, R, V)``, and the last hidden
     state at those positions ``(B, R, H)`` when asked (for a value head). The LM head runs on the last
-    ``R + 1`` positions only when the model allows it; hidden states always cover every position."""
+    ``R + 1`` positions only when the model allows it, and so does the final decoder layer
+    (:func:`~alignkit.models.final_layer.last_columns`): the hidden state is read from the end."""
     R = sequences.shape[1] - prompt_length
-    with final_layer_at(model, R + 1):
+    with last_columns(model, R + 1) as extra:
         out = model(input_ids=sequences, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                    output_hidden_states=need_hidden, **last_logits(model, R + 1))
+                    output_hidden_states=need_hidden, **extra)
     logits = out.logits[:, -(R + 1):-1]  # position t predicts token t + 1
     logprobs = token_logprobs(logits, sequences[:, prompt_length:], temperature)
     hidden = out.hidden_states[-1][:, -(R + 1):-1] if need_hidden else None  # (B, R, H), read from the end
