@@ -24,7 +24,6 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from transformers import get_scheduler
 
 from alignkit import ops
 from alignkit.checkpoint import rng_states, set_rng_states
@@ -239,6 +238,10 @@ class AlignModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
                                       fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # Imported here: transformers.optimization imports its trainer utilities, and with them peft and
+        # bitsandbytes (1.5 s, and a warning about optional kernels) in every process that imports alignkit.
+        from transformers import get_scheduler
+
         scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
