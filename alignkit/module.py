@@ -29,6 +29,7 @@ from alignkit import ops
 from alignkit.checkpoint import rng_states, set_rng_states
 from alignkit.cpu_memory import retain_freed_memory
 from alignkit.manager import PluginError, call_each, call_first, build_manager
+from alignkit.models.frozen_precision import store_in_compute_dtype
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.ops import unwrap_peft
 from alignkit.plugin import Algorithm, Reward, RewardOutput
@@ -145,6 +146,13 @@ class AlignModule(L.LightningModule):
             torch.utils.deterministic.fill_uninitialized_memory = False
         if self.retain_cpu_memory and self.trainer.strategy.root_device.type == "cpu":
             retain_freed_memory()
+        precision = self.trainer.precision_plugin
+        if isinstance(precision, MixedPrecision):
+            # Autocast would cast the frozen models' weights at every forward; they never change, so cast once.
+            dtype = torch.bfloat16 if precision.precision == "bf16-mixed" else torch.float16
+            for frozen in (self.reference, self.rewards):
+                if frozen is not None:
+                    store_in_compute_dtype(frozen, dtype)
 
     # ------------------------------------------------------------------------------------------ models
     def configure_model(self) -> None:
