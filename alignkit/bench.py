@@ -639,6 +639,8 @@ def _import_framework(framework: str) -> None:
             for name in ("DPOTrainer", "RewardTrainer", "RLOOTrainer", "SFTTrainer"):
                 getattr(trl, name)
     else:
+        import transformers.optimization  # noqa: F401  (alignkit imports get_scheduler when it builds the optimiser)
+
         import alignkit.data  # noqa: F401
         import alignkit.module  # noqa: F401
         import alignkit_plugins.dpo  # noqa: F401
