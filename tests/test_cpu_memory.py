@@ -3,6 +3,7 @@ user's own ``MALLOC_*_`` settings win, and a CPU training run applies it unless 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -63,32 +64,35 @@ def test_users_malloc_variables_win():
     assert applied == "False"
 
 
-def test_mallopt_values(monkeypatch):
-    calls = []
+class FakeLibc:
+    """glibc's ``mallopt`` as a recorder that answers ``result`` (1: accepted, 0: refused)."""
 
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
+    def __init__(self, result: int):
+        self.result, self.calls = result, []
 
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.result
+
+
+def _fresh(monkeypatch, libc: FakeLibc) -> None:
+    """A process that has not applied the settings yet, with ``libc`` as its C library and no MALLOC_ variables."""
     monkeypatch.setattr(cpu_memory, "_applied", False)
-    monkeypatch.setattr(cpu_memory, "glibc", lambda: FakeLibc())
-    for name in [n for n in __import__("os").environ if n.startswith("MALLOC_")]:
+    monkeypatch.setattr(cpu_memory, "glibc", lambda: libc)
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
         monkeypatch.delenv(name)
+
+
+def test_mallopt_values(monkeypatch):
+    libc = FakeLibc(1)
+    _fresh(monkeypatch, libc)
     assert cpu_memory.retain_freed_memory() is True
-    assert calls == [(cpu_memory.M_MMAP_THRESHOLD, 32 * 2**20), (cpu_memory.M_TRIM_THRESHOLD, 2**31 - 1)]
-    assert cpu_memory.retain_freed_memory() is True and len(calls) == 2  # once per process
+    assert libc.calls == [(cpu_memory.M_MMAP_THRESHOLD, 32 * 2**20), (cpu_memory.M_TRIM_THRESHOLD, 2**31 - 1)]
+    assert cpu_memory.retain_freed_memory() is True and len(libc.calls) == 2  # once per process
 
 
 def test_not_applied_when_mallopt_fails(monkeypatch):
-    class RefusingLibc:
-        def mallopt(self, param, value):
-            return 0
-
-    monkeypatch.setattr(cpu_memory, "_applied", False)
-    monkeypatch.setattr(cpu_memory, "glibc", lambda: RefusingLibc())
-    for name in [n for n in __import__("os").environ if n.startswith("MALLOC_")]:
-        monkeypatch.delenv(name)
+    _fresh(monkeypatch, FakeLibc(0))
     assert cpu_memory.retain_freed_memory() is False
 
 
