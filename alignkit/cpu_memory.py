@@ -6,7 +6,9 @@ top of the heap beyond its trim threshold is released. The next step's tensors o
 bf16 weight casts, gradients) then land on new pages, and the kernel faults in and zeroes each 4 KiB page again:
 ~50,000 faults per step for a 25M-parameter PPO iteration, 10–15 % of its CPU time (``benchmarks/README.md``).
 
-Setting both thresholds high makes glibc reuse the freed blocks instead. The process's resident size then stays
+Setting both thresholds high, and letting no block be mapped on its own (blocks above the 32 MiB cap of the mmap
+threshold, such as a 32k-vocabulary logits tensor or a dense embedding gradient, would be mapped and unmapped at
+every step otherwise), makes glibc reuse the freed blocks instead. The process's resident size then stays
 at its high-water mark rather than shrinking between steps; the high-water mark itself is what the peak-memory
 benchmark measures. Set any ``MALLOC_*_`` environment variable (e.g. ``MALLOC_TRIM_THRESHOLD_``) to keep
 control of glibc's allocator yourself; nothing is changed then, nor on other C libraries.
@@ -21,11 +23,15 @@ import sys
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 #: Blocks up to this size come from the heap and are reused (glibc's upper limit for the threshold on 64-bit).
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of the heap is kept up to this size (the largest value ``mallopt`` takes).
 TRIM_THRESHOLD = 2**31 - 1
+#: No block gets a mapping of its own: larger ones come from the heap too (glibc still maps memory when the heap
+#: cannot grow).
+MMAP_MAX = 0
 
 _applied = False
 
@@ -44,7 +50,7 @@ def glibc() -> ctypes.CDLL | None:
 
 
 def retain_freed_memory() -> bool:
-    """Make glibc keep freed blocks (up to 32 MiB each) for reuse instead of returning them to the OS.
+    """Make glibc keep freed blocks for reuse instead of returning them to the OS.
 
     Returns whether the settings are in effect: false on a non-glibc platform, and when the user set a
     ``MALLOC_*_`` environment variable (their settings win). Process-wide and idempotent."""
@@ -56,7 +62,6 @@ def retain_freed_memory() -> bool:
     libc = glibc()
     if libc is None:
         return False
-    mmap_set = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    trim_set = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    _applied = mmap_set and trim_set
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_MMAP_MAX, MMAP_MAX))
+    _applied = all([libc.mallopt(param, value) == 1 for param, value in settings])
     return _applied

@@ -22,8 +22,8 @@ from alignkit_plugins.tasks import SentimentTask
 TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
 GLIBC = cpu_memory.glibc() is not None
 
-# Allocates and frees same-sized 8 MiB tensors of varying count (as a training step's activations vary), and
-# prints the minor page faults of the repeats after the first, with or without `retain_freed_memory`.
+# Allocates and frees same-sized 8 MiB tensors of varying count (as a training step's activations vary) and one
+# 40 MiB tensor, and prints the minor page faults of the repeats after the first, with or without `retain_freed_memory`.
 FAULTS = """
 import resource, sys, torch
 import alignkit.cpu_memory as m
@@ -32,6 +32,8 @@ def churn():
     for n in (1, 6, 2, 5, 3):
         blocks = [torch.ones(1024, 2048) for _ in range(n)]
         del blocks
+    big = torch.ones(10 * 1024, 1024)  # 40 MiB: above the largest mmap threshold glibc allows
+    del big
 churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
@@ -51,8 +53,9 @@ def _faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
 def test_freed_memory_is_reused_without_page_faults():
     applied, faults = _faults("on")
     assert applied == "True"
-    # 5 repeats x (1+6+2+5+3) blocks x 2048 pages would fault ~170,000 times if every block landed on fresh
-    # pages; glibc's defaults reuse some (40,800 faults here), retained memory nearly all (2,048: one block).
+    # 5 repeats x ((1+6+2+5+3) blocks x 2,048 pages + 10,240 pages) would fault ~225,000 times if every block
+    # landed on fresh pages; glibc's defaults reuse some of the small blocks (92,010 faults here, the 40 MiB one
+    # mapped afresh every time), retained memory all of them (0 here; up to one block's 2,048 pages otherwise).
     _, default_faults = _faults("off")
     assert faults <= 3 * 2048, faults
     assert default_faults > 5 * faults, (default_faults, faults)
@@ -87,8 +90,9 @@ def test_mallopt_values(monkeypatch):
     libc = FakeLibc(1)
     _fresh(monkeypatch, libc)
     assert cpu_memory.retain_freed_memory() is True
-    assert libc.calls == [(cpu_memory.M_MMAP_THRESHOLD, 32 * 2**20), (cpu_memory.M_TRIM_THRESHOLD, 2**31 - 1)]
-    assert cpu_memory.retain_freed_memory() is True and len(libc.calls) == 2  # once per process
+    assert libc.calls == [(cpu_memory.M_MMAP_THRESHOLD, 32 * 2**20), (cpu_memory.M_TRIM_THRESHOLD, 2**31 - 1),
+                          (cpu_memory.M_MMAP_MAX, 0)]
+    assert cpu_memory.retain_freed_memory() is True and len(libc.calls) == 3  # once per process
 
 
 def test_not_applied_when_mallopt_fails(monkeypatch):
