@@ -149,7 +149,7 @@ class AlignModule(L.LightningModule):
         precision = self.trainer.precision_plugin
         if isinstance(precision, MixedPrecision):
             # Autocast would cast the frozen models' weights at every forward; they never change, so cast once.
-            dtype = torch.bfloat16 if precision.precision == "bf16-mixed" else torch.float16
+            dtype = precision.autocast_context_manager().fast_dtype
             for frozen in (self.reference, self.rewards):
                 if frozen is not None:
                     store_in_compute_dtype(frozen, dtype)

@@ -9,7 +9,6 @@ import sys
 
 import lightning as L
 import pytest
-from conftest import tiny_tokenizer  # noqa: F401 - fixture
 
 import alignkit.cpu_memory as cpu_memory
 import alignkit.module as module_mod
@@ -101,7 +100,7 @@ def test_not_applied_when_mallopt_fails(monkeypatch):
 
 
 @pytest.mark.parametrize("retain", [True, False])
-def test_cpu_training_applies_it_unless_disabled(retain, tiny_tokenizer, monkeypatch, tmp_path):  # noqa: F811
+def test_cpu_training_applies_it_unless_disabled(retain, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(module_mod, "retain_freed_memory", lambda: calls.append(1) or True)
     task = SentimentTask(num_train_prompts=8, num_eval_prompts=2)

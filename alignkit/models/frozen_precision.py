@@ -21,10 +21,10 @@ it still runs, at the lower precision.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
-
-_MARK = "_alignkit_frozen_dtype"
 
 
 def _input_to_weight_dtype(module: nn.Linear, args: tuple) -> tuple | None:
@@ -42,22 +42,18 @@ def _output_to_float32(module: nn.Linear, args: tuple, output: torch.Tensor) -> 
 
 def store_in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the float32 weights and biases of ``model``'s unshared ``nn.Linear`` layers in ``dtype`` (the
-    autocast dtype), for a model that is never trained. Returns how many layers changed; idempotent."""
-    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    uses: dict[int, int] = {}
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            uses[id(m.weight)] = uses.get(id(m.weight), 0) + 1
+    autocast dtype), for a model that is never trained. Returns how many layers changed; idempotent (a
+    converted weight is no longer float32)."""
+    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     changed = 0
     for m in model.modules():
-        if not isinstance(m, nn.Linear) or getattr(m, _MARK, None) is not None:
+        if not isinstance(m, nn.Linear) or m.weight.dtype != torch.float32 or m.weight.requires_grad:
             continue
-        if m.weight.dtype != torch.float32 or m.weight.requires_grad or id(m.weight) in shared or uses[id(m.weight)] > 1:
+        if owners[id(m.weight)] > 1:  # shared, e.g. a tied LM head is the embedding matrix
             continue
         m.to(dtype)
         m.register_forward_pre_hook(_input_to_weight_dtype)
         m.register_forward_hook(_output_to_float32)
-        setattr(m, _MARK, dtype)
         changed += 1
     if changed:
         _own_memory(model)
