@@ -63,5 +63,5 @@ def retain_freed_memory() -> bool:
     if libc is None:
         return False
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_MMAP_MAX, MMAP_MAX))
-    _applied = all([libc.mallopt(param, value) == 1 for param, value in settings])
+    _applied = all([libc.mallopt(param, value) == 1 for param, value in settings])  # a list: every one is tried
     return _applied
