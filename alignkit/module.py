@@ -26,9 +26,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from alignkit import ops
+from alignkit.aggregation import StepMean
 from alignkit.checkpoint import rng_states, set_rng_states
 from alignkit.cpu_memory import retain_freed_memory
 from alignkit.manager import PluginError, call_each, call_first, build_manager
+from alignkit.models.dropout import disable_dropout as zero_dropout
 from alignkit.models.frozen_precision import store_in_compute_dtype
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.ops import unwrap_peft
@@ -88,6 +90,7 @@ class AlignModule(L.LightningModule):
         skip_nonfinite: bool = False,
         completions_per_step: int = 4,
         retain_cpu_memory: bool = True,
+        disable_dropout: bool = True,
     ):
         """
         Args:
@@ -105,6 +108,9 @@ class AlignModule(L.LightningModule):
             retain_cpu_memory: when training on CPU, make glibc keep freed memory for reuse instead of returning
                 it to the OS after each step, where every new page costs a page fault (``alignkit.cpu_memory``;
                 10-15 % of a 25M-parameter step). Process-wide; skipped when a ``MALLOC_*_`` variable is set.
+            disable_dropout: set every dropout probability of the policy, reference, critic and reward models to 0
+                (``alignkit.models.dropout``), as TRL does: with dropout, two forwards of the same weights differ, so
+                PPO's ratio, π_old, values and KL are noisy. The saved config keeps its dropout values.
         """
         super().__init__()
         self.algorithm = algorithm
@@ -113,6 +119,7 @@ class AlignModule(L.LightningModule):
         self.reward_combination, self.skip_nonfinite = copy.deepcopy(reward_combination), skip_nonfinite
         self.completions_per_step = completions_per_step
         self.retain_cpu_memory = retain_cpu_memory
+        self.disable_dropout = disable_dropout
         self.completion_rows: list[list[Any]] = []
         self._logged_a_step = False  # by this process: see `should_log`
         self.policy, self.tokenizer = load_model(policy, algorithm.model_head)
@@ -123,7 +130,12 @@ class AlignModule(L.LightningModule):
         if len(set(names)) < len(names):
             raise ValueError(f"model.rewards: two rewards share a name ({', '.join(names)}); give each a distinct `name`")
         self.rewards.requires_grad_(False)
+        if disable_dropout:  # before `alignkit_configure`, so a critic copied from the policy has none either
+            for model in (self.policy, self.reference, *self.rewards):
+                if model is not None:
+                    zero_dropout(model)
         self.reward_moments = RunningMoments()
+        self.step_mean = StepMean()  # one mean over each optimiser step's micro-batches and ranks (LossOutput.units)
         self.pm = build_manager([algorithm, *self.rewards, *(plugins or [])])
         self.automatic_optimization = not algorithm.online
         call_each(self.pm, "alignkit_configure", object, module=self)
@@ -290,7 +302,19 @@ class AlignModule(L.LightningModule):
         if self.should_log(stepped=False):
             self.log_stats(out.stats, prefix="", batch=batch, extra={"train/loss": out.loss.detach()})
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
-        return out.loss
+        return self.backward_loss(out, parts=self.trainer.accumulate_grad_batches)  # Lightning divides by parts
+
+    def backward_loss(self, out: LossOutput, parts: int) -> Tensor:
+        """What to differentiate (divided by ``parts``) for one of the ``parts`` micro-batches of an optimiser step,
+        so that the step's gradient is one mean over the whole step (see :class:`alignkit.aggregation.StepMean`)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        reachable = self._trainer is None or not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        return self.step_mean.backward_loss(out.loss, out.units, parts, self.world_size, reachable, self.reduce_mean)
+
+    def mean_gradients(self) -> None:
+        """Turn the summed gradients of the step's micro-batches into one mean over the step's units."""
+        self.step_mean.rescale(self.parameters(), self.world_size, self.reduce_sum, self.device)
 
     def validation_step(self, batch, batch_idx: int):
         if self.algorithm.online:
@@ -321,6 +345,7 @@ class AlignModule(L.LightningModule):
         """A finite loss can still give NaN/inf gradients: stop, or (``skip_nonfinite``) drop every gradient so
         that the optimiser step leaves the weights and its moments unchanged. Skipped under a gradient scaler
         (fp16), which handles overflowing gradients itself by skipping the step."""
+        self.mean_gradients()  # before Lightning clips the gradients
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         named = [(n, p) for n, p in self.named_parameters() if p.grad is not None]
@@ -394,12 +419,13 @@ class AlignModule(L.LightningModule):
                     out = self.loss(micro)
                     if out is None:
                         continue
-                    self.manual_backward(out.loss / len(micro_batches))
+                    self.manual_backward(self.backward_loss(out, parts=len(micro_batches)) / len(micro_batches))
                     for key, value in out.stats.items():
                         totals[key] = totals.get(key, 0.0) + float(value)
                     count += 1
                     epoch_kl += float(out.stats.get("policy/approxkl", 0.0))
                     epoch_n += 1
+                self.mean_gradients()
                 if algorithm.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=algorithm.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()

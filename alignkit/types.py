@@ -29,6 +29,11 @@ class LossOutput:
 
     loss: Tensor
     stats: dict[str, Tensor | float] = field(default_factory=dict)
+    units: Tensor | float | None = None
+    """The count ``loss`` averages over in this batch: tokens for a token mean, sequences (or pairs) for a mean over
+    sequences (:func:`alignkit.aggregation.agg_loss` returns it). With it, the host makes an optimiser step's
+    gradient that of one mean over the whole step, however the step is split into micro-batches and ranks; None:
+    each micro-batch's loss counts as one equal part of the step (a mean of means)."""
 
 
 @dataclass

@@ -92,7 +92,7 @@ class RewardModel(Algorithm):
         terms = bradley_terry_loss(chosen, rejected, batch.margin if self.use_margin else None, self.center_coef,
                                    batch.soft_label if self.use_soft_labels else None)
         chosen, rejected = chosen.detach(), rejected.detach()
-        return LossOutput(terms.loss, {
+        return LossOutput(terms.loss, units=batch.num_pairs, stats={
             "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
             "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": terms.accuracy,
         })

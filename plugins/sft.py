@@ -14,8 +14,7 @@ from alignkit.types import LossOutput, SFTBatch
 IGNORE = -100
 
 
-def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
-             num_tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """Mean token cross-entropy of the next-token prediction over labelled positions.
 
     ``L = −(1/N) Σ_{t: labels[t+1] ≠ −100} log p(labels[t+1] | tokens ≤ t)``, N the number of labelled
@@ -25,17 +24,15 @@ def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
         logits: ``(B, T, V)`` model outputs.
         labels: ``(B, T)`` token ids, ``−100`` where masked.
         label_smoothing: cross-entropy label smoothing ε.
-        num_tokens: the divisor N (default: this batch's labelled targets). Data-parallel callers pass the
-            mean count per rank, so that DDP's gradient average is exactly one global token mean.
     Returns:
-        ``(loss, n)``: the scalar loss and this batch's number of labelled target tokens.
+        ``(loss, n)``: the scalar loss and this batch's number of labelled target tokens ``N`` (the loss's
+        ``LossOutput.units``, with which the host makes the mean exact over accumulated batches and ranks).
     """
     targets = labels[:, 1:]
     count = (targets != IGNORE).sum()
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum", label_smoothing=label_smoothing)
-    divisor = count.clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
-    return loss / divisor, count
+    return loss / count.clamp(min=1), count
 
 
 class SFT(Algorithm):
@@ -64,7 +61,6 @@ class SFT(Algorithm):
                                    position_ids=batch.position_ids, use_cache=False,
                                    **extra).logits  # (B, T - start, V)
         start = T - logits.shape[1]  # the first column with logits
-        tokens = module.reduce_mean((batch.labels[:, 1:] != IGNORE).sum())  # global token mean under DDP
-        loss, count = sft_loss(logits, batch.labels[:, start:], self.label_smoothing, tokens)
-        return LossOutput(loss, {"tokens/trained": count.detach().float(),
+        loss, count = sft_loss(logits, batch.labels[:, start:], self.label_smoothing)
+        return LossOutput(loss, units=count.detach(), stats={"tokens/trained": count.detach().float(),
                                  "ppl": torch.exp(loss.detach().clamp(max=20))})

@@ -4,8 +4,8 @@ Both runs see the same global batches (no shuffling: rank r takes rows r, r+2, .
 the trained models compute — token log-probs (policies) or scores (reward models) on fixed texts — as
 the change from the initial model: ``‖Δf_ddp − Δf_single‖ / ‖Δf_single‖`` must stay below ``TOLERANCE``.
 
-It is not exactly 0: SFT and PPO average token losses per rank and then across ranks, which weighs tokens
-slightly differently from one global token mean, and float sums run in another order. Weights are not
+It is not exactly 0: every loss is one mean over the step's tokens (or pairs) on every rank
+(``alignkit.aggregation``), but float sums run in another order. Weights are not
 compared directly: Adam's first update is lr·sign(g) for every parameter, so parameters whose gradient is
 close to 0 flip sign on float noise and dominate any weight-space distance without changing the function.
 """

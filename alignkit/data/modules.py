@@ -436,15 +436,17 @@ class PromptData(AlignData):
             if not prompt or (isinstance(prompt, str) and not prompt.strip()):
                 raise DataError(f"{self.source} row {i}: empty {self.column!r}")
             ids = encode_prompt(self.tokenizer, prompt, self.chat_template)
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
             if len(ids) > self.max_prompt_length:
                 fitted = fit(ids, [[]], self.max_prompt_length, self.max_prompt_length, self.truncation, self.stats,
                              f"{self.source} row {i}")
                 if fitted is None:
                     continue
                 ids = fitted[0]
+                # Reward models and the gold reward must judge the prompt the policy saw, not the one it was cut from.
+                text = self.tokenizer.decode(ids)
             else:
                 self.stats.examples += 1
-            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
             examples.append(PromptExample(i, text, ids))
         return examples
 

@@ -158,14 +158,16 @@ class DPO(Algorithm):
     data_kind = "preference"
 
     def __init__(self, beta: float = 0.1, loss_type: DPOVariant = "sigmoid", label_smoothing: float = 0.0,
-                 length_normalize: bool = False, reference_logps: Literal["live", "precompute"] = "live",
+                 length_normalize: bool | None = None, reference_logps: Literal["live", "precompute"] = "live",
                  cache_dir: str | None = None, shared_prompt: bool = False):
         """
         Args:
             beta: β, strength of the implicit KL penalty towards the reference (IPO: τ; hinge: 1/margin).
             loss_type: sigmoid (DPO), ipo, cdpo (conservative DPO), robust (robust DPO) or hinge (SLiC-style).
             label_smoothing: assumed label-flip probability ε in [0, 0.5); only for cdpo and robust.
-            length_normalize: average token log-probs over the response instead of summing (IPO's setting).
+            length_normalize: average token log-probs over the response instead of summing them. None: the
+                loss's own setting, True for ``ipo`` (Azar et al. 2023 state IPO on length-averaged log-ratios,
+                as TRL does) and False for the others.
             reference_logps: ``live``: a reference forward on every batch; ``precompute``: compute them once
                 over the train and validation sets before training, cache them and free the reference copy.
             cache_dir: folder of the precomputed ``reference_logps.pt`` (default: the trainer's
@@ -185,7 +187,8 @@ class DPO(Algorithm):
         except ValueError as exc:
             raise ValueError(f"algorithm: {exc}") from None
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.length_normalize, self.reference_logps, self.cache_dir = length_normalize, reference_logps, cache_dir
+        self.length_normalize = loss_type == "ipo" if length_normalize is None else length_normalize
+        self.reference_logps, self.cache_dir = reference_logps, cache_dir
         self.shared_prompt = shared_prompt
         # Precompute state (plain attributes, not buffers: the table is not part of the state_dict).
         self._cache: dict[str, Any] | None = None  # {"chosen", "rejected", "meta"}
@@ -205,7 +208,7 @@ class DPO(Algorithm):
         terms = dpo_loss(self.loss_type, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                          beta=self.beta, label_smoothing=self.label_smoothing)
         chosen, rejected = terms.chosen_rewards, terms.rejected_rewards
-        return LossOutput(terms.losses.mean(), {
+        return LossOutput(terms.losses.mean(), units=batch.num_pairs, stats={
             "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
             "rewards/margins": (chosen - rejected).mean(),
             "rewards/accuracies": (chosen > rejected).float().mean(),

@@ -125,8 +125,8 @@ def ipo_loss(
     grow without bound the way it can under the sigmoid loss.
 
     The IPO paper states the loss on length-averaged log-probabilities. This function does not
-    average: pass ``length_normalize=True`` to :func:`sequence_logps` upstream to reproduce the
-    paper's setting.
+    average: :func:`sequence_logps` does, upstream, with ``length_normalize=True`` (the DPO plugin's
+    default for ``loss_type="ipo"``).
 
     Args:
         policy_chosen_logps: ``(B,)`` log π(y_c|x).

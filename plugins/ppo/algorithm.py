@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from alignkit.aggregation import LossAggregation
 from alignkit.models.final_layer import last_columns
-from alignkit.ops import entropy_from_logits, masked_mean, token_logprobs
+from alignkit.ops import masked_mean, token_logprobs
 from alignkit.plugin import OnlineAlgorithm, hookimpl
 from alignkit.rollout import SamplingConfig, position_ids_from_mask, response_logprobs
 from alignkit.types import LossOutput, Rollout, TensorRecord
@@ -33,6 +34,7 @@ from alignkit_plugins.ppo.math import (
     AdaptiveKLController,
     FixedKLController,
     KLEstimator,
+    entropy_bonus,
     gae,
     policy_loss,
     shaped_rewards,
@@ -127,6 +129,7 @@ class PPO(OnlineAlgorithm):
         update_epochs: int = 4,
         target_approx_kl: float | None = None,
         max_grad_norm: float | None = 1.0,
+        loss_aggregation: LossAggregation = "token-mean",
         seed: int = 0,
     ):
         """
@@ -151,6 +154,8 @@ class PPO(OnlineAlgorithm):
             update_epochs: passes over each rollout batch (PPO epochs).
             target_approx_kl: stop the update epochs once mean approx-KL exceeds this (None: never).
             max_grad_norm: gradient clipping norm (None: off).
+            loss_aggregation: how per-token policy, value and entropy terms are averaged
+                (:func:`alignkit.aggregation.agg_loss`); exact over a minibatch's micro-batches and ranks.
             seed: seed of the minibatch shuffling.
         """
         super().__init__(update_epochs=update_epochs, target_approx_kl=target_approx_kl, max_grad_norm=max_grad_norm)
@@ -161,6 +166,7 @@ class PPO(OnlineAlgorithm):
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.clip_range, self.clip_range_value = clip_range, clip_range_value
         self.vf_coef, self.entropy_coef, self.whiten = vf_coef, entropy_coef, whiten
+        self.loss_aggregation = loss_aggregation
         self.missing_stop_penalty, self.critic_kind = missing_stop_penalty, critic
         self.num_minibatches, self.gradient_accumulation_steps, self.seed = num_minibatches, gradient_accumulation_steps, seed
         self.kl_controller = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target is not None
@@ -247,16 +253,14 @@ class PPO(OnlineAlgorithm):
                                                       batch.prompt_length, self.sampling.temperature,
                                                       need_hidden=self.critic is None)
         values = self.values(module, batch.sequences, batch.attention_mask, batch.prompt_length, hidden)
-        tokens = module.reduce_mean(mask.sum())  # per-rank mean token count: DDP then equals one global mean
-        pg = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, self.clip_range, tokens)
-        vf = value_loss(values, batch.old_values, batch.returns, mask, self.clip_range_value, tokens)
-        if self.entropy_coef:
-            entropy = masked_mean(entropy_from_logits(logits), mask)
-        else:  # only logged: keep the full-vocabulary softmax out of the graph
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+        aggregation, temperature = self.loss_aggregation, self.sampling.temperature
+        pg = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, self.clip_range, aggregation)
+        vf = value_loss(values, batch.old_values, batch.returns, mask, self.clip_range_value, aggregation)
+        with torch.set_grad_enabled(bool(self.entropy_coef) and torch.is_grad_enabled()):
+            # only logged when the bonus is off: then the full-vocabulary softmax stays out of the graph
+            entropy = entropy_bonus(logits if self.entropy_coef else logits.detach(), mask, temperature, aggregation)
         loss = pg.loss + self.vf_coef * vf.loss - self.entropy_coef * entropy
-        return LossOutput(loss, {
+        return LossOutput(loss, units=pg.units, stats={
             "train/loss": loss.detach(), "loss/policy": pg.loss.detach(), "loss/value": vf.loss.detach(),
             "policy/approxkl": pg.approxkl, "policy/clipfrac": pg.clipfrac, "policy/entropy": entropy.detach(),
             "policy/ratio_mean": pg.ratio_mean, "val/clipfrac": vf.clipfrac,
@@ -266,7 +270,10 @@ class PPO(OnlineAlgorithm):
     @hookimpl
     def alignkit_after_update(self, module, experience: PPOExperience, stats: dict[str, float]) -> None:
         self._pass = None  # normally taken by the loss already; never keep a graph past the update
-        kl_per_sequence = module.reduce_mean((experience.kl * experience.response_mask).sum(-1).mean())
+        # The controller's target is in nats per sequence: feed it the k1 log-ratio sum (the KL itself, estimated
+        # without bias), whatever estimator the penalty uses (k3, abs and mse are on other scales).
+        log_ratio = (experience.old_logprobs - experience.ref_logprobs) * experience.response_mask  # (B, R)
+        kl_per_sequence = module.reduce_mean(log_ratio.sum(-1).mean())
         self.kl_controller.update(float(kl_per_sequence), experience.size * module.world_size)
 
     @hookimpl

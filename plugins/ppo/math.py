@@ -12,8 +12,10 @@ Shapes: ``B`` responses, ``R`` response length, ``V`` vocabulary size. ``mask`` 
 ``True``) on real response tokens and 0 on padding; responses are right padded, so each row is a run of
 ones followed by zeros, and a row may be all zeros (an empty response).
 
-Loss reductions are token-level: a masked mean over every real token of the batch, so long responses
-weigh more than short ones. Everything returned for logging is detached.
+Losses are aggregated over tokens by :func:`alignkit.aggregation.agg_loss` (``token-mean`` by default: a mean over
+every real token, so long responses weigh more than short ones); each loss also returns the count it averaged
+over, with which the host makes the mean exact over all micro-batches and ranks of an optimiser step.
+Everything returned for logging is detached.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from alignkit.aggregation import LossAggregation, agg_loss
 from alignkit.ops import Reduce, entropy_from_logits, masked_mean, masked_whiten
 
 __all__ = [
@@ -227,6 +230,7 @@ class PolicyLossTerms:
     clipfrac: Tensor  # () fraction of real tokens where the clipped objective is the smaller one
     approxkl: Tensor  # () masked mean of ½ (log π − log π_old)²
     ratio_mean: Tensor  # () masked mean of π / π_old
+    units: Tensor  # () the count ``loss`` averages over (tokens or sequences, see ``agg_loss``)
 
     def stats(self) -> dict[str, Tensor]:
         """Detached logging scalars, keyed by metric name."""
@@ -238,26 +242,19 @@ class PolicyLossTerms:
         }
 
 
-def token_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | float | None) -> Tensor:
-    """``Σ mask·values / num_tokens``; the masked mean when ``num_tokens`` is None."""
-    if num_tokens is None:
-        return masked_mean(values, mask)
-    return (values * mask.to(values.dtype)).sum() / max(float(num_tokens), 1.0)
-
-
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip_range: float,
-    num_tokens: Tensor | float | None = None,
+    aggregation: LossAggregation = "token-mean",
 ) -> PolicyLossTerms:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised:
 
         ρ_t = exp(log π(a_t) − log π_old(a_t))
         L_t = −min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t)
-        L   = Σ_t mask_t L_t / N,   N = number of real tokens (``num_tokens``)
+        L   = agg(L_t)              (``aggregation``; token-mean: Σ_t mask_t L_t / number of real tokens)
 
     Stats: ``clipfrac`` is the fraction of real tokens where the clipped term is strictly the smaller
     one (those tokens get no gradient); ``approxkl`` uses the ``½ (log ρ)²`` estimator (k2 in
@@ -269,24 +266,22 @@ def policy_loss(
         advantages: ``(B, R)`` advantage estimates (usually whitened).
         mask: ``(B, R)`` response mask.
         clip_range: ε.
-        num_tokens: the divisor N; default the real tokens of this batch. Data-parallel callers pass the
-            mean token count per rank, so that averaging gradients across ranks gives exactly the
-            gradient of one global token mean.
+        aggregation: how per-token losses become the scalar (:func:`alignkit.aggregation.agg_loss`).
 
     Returns:
-        ``PolicyLossTerms`` with a scalar ``loss`` and detached scalar stats.
+        ``PolicyLossTerms`` with a scalar ``loss``, detached scalar stats and the ``units`` it averages over.
     """
     old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    loss = token_mean(-torch.minimum(unclipped, clipped), mask, num_tokens)
+    loss, units = agg_loss(-torch.minimum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         clipfrac = masked_mean((clipped < unclipped).to(ratio.dtype), mask)
         approxkl = masked_mean(kl_penalty(logprobs, old_logprobs, "mse"), mask)
         ratio_mean = masked_mean(ratio, mask)
-    return PolicyLossTerms(loss=loss, clipfrac=clipfrac, approxkl=approxkl, ratio_mean=ratio_mean)
+    return PolicyLossTerms(loss=loss, clipfrac=clipfrac, approxkl=approxkl, ratio_mean=ratio_mean, units=units)
 
 
 @dataclass
@@ -295,6 +290,7 @@ class ValueLossTerms:
 
     loss: Tensor  # () clipped value loss
     clipfrac: Tensor  # () fraction of real tokens where the clipped error is the larger one
+    units: Tensor  # () the count ``loss`` averages over (see ``agg_loss``)
 
     def stats(self) -> dict[str, Tensor]:
         """Detached logging scalars, keyed by metric name."""
@@ -307,14 +303,14 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     clip_range_value: float,
-    num_tokens: Tensor | float | None = None,
+    aggregation: LossAggregation = "token-mean",
 ) -> ValueLossTerms:
     """Clipped value loss (the value-function clipping of the PPO reference implementation, Schulman
     et al. 2017; cf. torchtune's ``PPOLoss``):
 
         V^clip_t = V_old,t + clip(V_t − V_old,t, −ε_v, ε_v)
         L_t      = ½ · max((V_t − R_t)², (V^clip_t − R_t)²)
-        L        = Σ_t mask_t L_t / N,   N = number of real tokens (``num_tokens``)
+        L        = agg(L_t)     (``aggregation``, see :func:`policy_loss`)
 
     ``clipfrac`` is the fraction of real tokens where the clipped error is strictly the larger one
     (those tokens get no gradient).
@@ -325,34 +321,39 @@ def value_loss(
         returns: ``(B, R)`` value targets (from ``gae``).
         mask: ``(B, R)`` response mask.
         clip_range_value: ε_v.
-        num_tokens: the divisor N (see :func:`policy_loss`).
+        aggregation: how per-token losses become the scalar (:func:`alignkit.aggregation.agg_loss`).
 
     Returns:
-        ``ValueLossTerms`` with a scalar ``loss`` and a detached scalar ``clipfrac``.
+        ``ValueLossTerms`` with a scalar ``loss``, a detached scalar ``clipfrac`` and the ``units`` it averages over.
     """
     old_values, returns = old_values.detach(), returns.detach()
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     error = (values - returns).square()
     clipped_error = (clipped_values - returns).square()
-    loss = 0.5 * token_mean(torch.maximum(error, clipped_error), mask, num_tokens)
+    loss, units = agg_loss(torch.maximum(error, clipped_error), mask, aggregation)
     with torch.no_grad():
         clipfrac = masked_mean((clipped_error > error).to(values.dtype), mask)
-    return ValueLossTerms(loss=loss, clipfrac=clipfrac)
+    return ValueLossTerms(loss=0.5 * loss, clipfrac=clipfrac, units=units)
 
 
-def entropy_bonus(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean policy entropy over the real tokens, the ``S[π]`` term of Schulman et al. 2017, eq. 9
-    (the total loss subtracts ``c₂ · S``).
+def entropy_bonus(logits: Tensor, mask: Tensor, temperature: float = 1.0,
+                  aggregation: LossAggregation = "token-mean") -> Tensor:
+    """Mean entropy of the sampling policy over the real tokens, the ``S[π]`` term of Schulman et al. 2017,
+    eq. 9 (the total loss subtracts ``c₂ · S``). The sampling policy is ``softmax(logits / T)``, the distribution
+    the responses were drawn from and whose log-probs the ratio uses, so the entropy is taken at the same
+    temperature.
 
     Args:
-        logits: ``(B, R, V)`` policy logits at the response positions (with the same temperature
-            scaling as the log-probs).
+        logits: ``(B, R, V)`` raw policy logits at the response positions.
         mask: ``(B, R)`` response mask.
+        temperature: ``T`` of the sampling (``SamplingConfig.temperature``).
+        aggregation: how per-token entropies become the scalar (the policy loss's, so both share its units).
 
     Returns:
-        ``()`` masked mean entropy, with gradient.
+        ``()`` aggregated entropy, with gradient.
     """
-    return masked_mean(entropy_from_logits(logits), mask)
+    tempered = logits.float() / temperature if temperature != 1.0 else logits
+    return agg_loss(entropy_from_logits(tempered), mask, aggregation)[0]
 
 
 # --------------------------------------------------------------------------------------------------
