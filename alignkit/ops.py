@@ -112,6 +112,18 @@ def last_logits(model: torch.nn.Module, count: int) -> dict[str, int]:
     return {"logits_to_keep": count} if accepts_argument(model, "logits_to_keep") else {}
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes a KV cache: ``cache`` from transformers 5.24 on (which
+    deprecates ``past_key_values`` with a warning), ``past_key_values`` before."""
+    return "cache" if accepts_argument(model, "cache") else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache that a model's forward returned in ``output``: ``output.cache`` from transformers 5.24 on (whose
+    ``past_key_values`` still reads it, with a deprecation warning), ``output.past_key_values`` before."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
 @contextmanager
 def cached_autocast(device_type: str) -> Iterator[None]:
     """Inside a mixed-precision region, cast each trained weight to the low-precision dtype once for the

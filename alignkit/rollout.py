@@ -207,6 +207,7 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
         with ops.cached_autocast(device.type):  # mixed precision: one cast of the weights per rollout
             mask = attention_mask.long()
             kwargs = ops.last_logits(model, 1)
+            cache_keyword = ops.cache_keyword(model)  # `cache` from transformers 5.24 on, `past_key_values` before
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                         use_cache=True, **kwargs)
             response = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -233,7 +234,7 @@ def generate(model: torch.nn.Module, tokenizer, input_ids: Tensor, attention_mas
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                 out = model(input_ids=token[:, None], attention_mask=mask,
                             position_ids=position_ids_from_mask(mask)[:, -1:],
-                            past_key_values=out.past_key_values, use_cache=True)
+                            use_cache=True, **{cache_keyword: ops.returned_cache(out)})
 
         response_length = int(lengths.max())
         response = response[:, :response_length]

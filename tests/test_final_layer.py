@@ -17,6 +17,7 @@ from transformers import (
 import alignkit.models.final_layer as final_layer
 from alignkit.models.final_layer import final_decoder_layer, final_layer_at
 from alignkit.models.loading import sequence_scores
+from alignkit.ops import returned_cache
 from alignkit.pairs import share_prompts
 from alignkit.types import PreferenceBatch
 
@@ -163,8 +164,10 @@ def test_a_forward_with_a_kv_cache_runs_the_whole_layer():
     with final_layer_at(model, 1):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
     torch.testing.assert_close(out.logits, expected.logits[:, -1:], atol=1e-5, rtol=1e-5)
+    cache, expected_cache = returned_cache(out), returned_cache(expected)  # `cache` or `past_key_values`
     for layer in range(2):  # the cache holds every column's keys and values, as without the block
-        torch.testing.assert_close(out.past_key_values.layers[layer].keys, expected.past_key_values.layers[layer].keys)
+        torch.testing.assert_close(cache.layers[layer].keys, expected_cache.layers[layer].keys)
+        torch.testing.assert_close(cache.layers[layer].values, expected_cache.layers[layer].values)
 
 
 def test_unsupported_models_are_left_alone():

@@ -33,6 +33,9 @@ from alignkit.ops import last_logits, unwrap_peft
 
 SUPPORTED_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
 _LAYERS_RETURN_TENSORS = int(transformers.__version__.split(".")[0]) >= 5  # they returned tuples before 5.0
+#: The keywords under which a decoder layer may get the KV cache: ``cache`` from transformers 5.24 on (which deprecates
+#: the other), ``past_key_values`` before.
+CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
 def final_decoder_layer(model: nn.Module) -> nn.Module | None:
@@ -105,21 +108,22 @@ def _read_index(columns: Tensor | int, batch: int, length: int, device: torch.de
 
 
 def _forward_at(layer: nn.Module, full_forward, columns: Tensor | int, hidden_states: Tensor,
-                attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: Any = None, use_cache: bool | None = False,
-                position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs: Any) -> Tensor:
-    """The decoder layer's output at the read columns, ``(B, T, H) -> (B, K, H)``."""
+                attention_mask: Tensor | None = None, *, position_embeddings: tuple[Tensor, Tensor] | None = None,
+                **kwargs: Any) -> Tensor:
+    """The decoder layer's output at the read columns, ``(B, T, H) -> (B, K, H)``. A forward the shortcut does not
+    cover (one with a KV cache, under whichever of :data:`CACHE_KEYWORDS` transformers passes it, a mask of another
+    kind, no position embeddings) runs the whole layer with the keyword arguments it was given, unchanged."""
     B, T, _ = hidden_states.shape
     index = _read_index(columns, B, T, hidden_states.device)  # (B, K)
     rows = torch.arange(B, device=index.device)[:, None]  # (B, 1)
     attn = layer.self_attn
     window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     mask_rows = _mask_rows(attention_mask, index, T)
-    if (past_key_values is not None or position_embeddings is None or mask_rows is None
+    cached = any(kwargs.get(name) is not None for name in CACHE_KEYWORDS)
+    if (cached or position_embeddings is None or mask_rows is None
             or (attention_mask is None and window is not None and T > window)):
-        full = full_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache,
-                            position_embeddings=position_embeddings, **kwargs)
+        full = full_forward(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                            **kwargs)
         return full[rows, index]
     normed = layer.input_layernorm(hidden_states)  # (B, T, H)
     head_dim = attn.head_dim
