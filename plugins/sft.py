@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.aggregation import LossAggregation, agg_loss
 from alignkit.models.final_layer import last_columns
 from alignkit.ops import first_target_column
 from alignkit.plugin import Algorithm, hookimpl
@@ -14,8 +15,10 @@ from alignkit.types import LossOutput, SFTBatch
 IGNORE = -100
 
 
-def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Mean token cross-entropy of the next-token prediction over labelled positions.
+def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
+             aggregation: LossAggregation = "token-mean") -> tuple[Tensor, Tensor]:
+    """Cross-entropy of the next-token prediction over labelled positions, aggregated by ``aggregation``
+    (:func:`alignkit.aggregation.agg_loss`); the default is the token mean
 
     ``L = −(1/N) Σ_{t: labels[t+1] ≠ −100} log p(labels[t+1] | tokens ≤ t)``, N the number of labelled
     targets; prompt and padding positions carry ``−100`` and count neither in the sum nor in N.
@@ -24,15 +27,17 @@ def sft_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> tu
         logits: ``(B, T, V)`` model outputs.
         labels: ``(B, T)`` token ids, ``−100`` where masked.
         label_smoothing: cross-entropy label smoothing ε.
+        aggregation: ``token-mean`` (every target token weighs the same), ``seq-mean-token-sum`` or
+            ``seq-mean-token-mean`` (every row weighs the same: a demonstration, or a packed row with packing).
     Returns:
-        ``(loss, n)``: the scalar loss and this batch's number of labelled target tokens ``N`` (the loss's
-        ``LossOutput.units``, with which the host makes the mean exact over accumulated batches and ranks).
+        ``(loss, units)``: the scalar loss and the count it averages over (``N`` for the token mean, the
+        demonstrations otherwise: the ``LossOutput.units`` with which the host makes the mean exact over
+        accumulated batches and ranks).
     """
-    targets = labels[:, 1:]
-    count = (targets != IGNORE).sum()
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum", label_smoothing=label_smoothing)
-    return loss / count.clamp(min=1), count
+    targets = labels[:, 1:]  # (B, T - 1)
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                reduction="none", label_smoothing=label_smoothing).view_as(targets)
+    return agg_loss(per_token, targets != IGNORE, aggregation)
 
 
 class SFT(Algorithm):
@@ -40,15 +45,17 @@ class SFT(Algorithm):
 
     data_kind = "sft"
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, loss_aggregation: LossAggregation = "token-mean"):
         """
         Args:
             label_smoothing: cross-entropy label smoothing (0: none).
+            loss_aggregation: how token losses are averaged (:func:`alignkit.aggregation.agg_loss`): ``token-mean``
+                over every target token of the optimiser step, or a mean over demonstrations (``seq-mean-*``).
         """
         super().__init__()
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"algorithm.label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.loss_aggregation = label_smoothing, loss_aggregation
 
     @hookimpl
     def alignkit_loss(self, module, batch: SFTBatch) -> LossOutput:
@@ -61,6 +68,7 @@ class SFT(Algorithm):
                                    position_ids=batch.position_ids, use_cache=False,
                                    **extra).logits  # (B, T - start, V)
         start = T - logits.shape[1]  # the first column with logits
-        loss, count = sft_loss(logits, batch.labels[:, start:], self.label_smoothing)
-        return LossOutput(loss, units=count.detach(), stats={"tokens/trained": count.detach().float(),
-                                 "ppl": torch.exp(loss.detach().clamp(max=20))})
+        loss, units = sft_loss(logits, batch.labels[:, start:], self.label_smoothing, self.loss_aggregation)
+        count = (batch.labels[:, 1:] != IGNORE).sum()
+        return LossOutput(loss, units=units, stats={"tokens/trained": count.float(),
+                                                    "ppl": torch.exp(loss.detach().clamp(max=20))})

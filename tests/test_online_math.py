@@ -24,7 +24,7 @@ from alignkit_plugins.dpo import DPO
 from alignkit_plugins.ppo import PPO
 from alignkit_plugins.ppo.algorithm import PPOExperience, policy_forward
 from alignkit_plugins.ppo.math import entropy_bonus
-from alignkit_plugins.sft import SFT
+from alignkit_plugins.sft import SFT, sft_loss
 from alignkit_plugins.tasks import SentimentTask
 
 TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
@@ -145,6 +145,17 @@ def test_step_mean_over_two_ranks_equals_one_rank():
     step.rescale([w], world=2, reduce_sum=lambda t: t + per_rank_units[1], device=torch.device("cpu"))
     torch.testing.assert_close(w.grad, expected, atol=1e-6, rtol=0)
     assert float(units) == 6
+
+
+def test_sft_loss_aggregations_by_hand():
+    # Uniform logits over V = 4: every target token costs ln 4. Row 0 has 2 targets, row 1 has 1 (labels[t + 1]).
+    logits = torch.zeros(2, 4, 4)
+    labels = torch.tensor([[-100, -100, 1, 2], [-100, -100, -100, 3]])
+    ln4 = math.log(4.0)
+    expected = {"token-mean": (ln4, 3.0), "seq-mean-token-sum": (1.5 * ln4, 2.0), "seq-mean-token-mean": (ln4, 2.0)}
+    for mode, (loss, units) in expected.items():
+        out_loss, out_units = sft_loss(logits, labels, aggregation=mode)
+        assert float(out_loss) == pytest.approx(loss, abs=1e-6) and float(out_units) == units, mode
 
 
 class GradientCapture(AlignModule):
