@@ -97,7 +97,7 @@ def test_print_config_sft(capsys, tmp_path):
     config = print_config(capsys, ["fit", "--config", SFT_RECIPE, *TINY_MODEL, "--run_dir", tmp_path / "run"])
     algorithm = config["model"]["algorithm"]
     assert algorithm["class_path"] == "alignkit_plugins.sft.SFT"
-    assert algorithm["init_args"] == {"label_smoothing": 0.0}
+    assert algorithm["init_args"] == {"label_smoothing": 0.0, "loss_aggregation": "token-mean"}
     policy = config["model"]["policy"]
     assert policy["name_or_path"] == "tiny" and policy["tiny"]["hidden_size"] == 32
     assert {"vocab_size", "num_layers", "num_heads", "intermediate_size", "task"} <= set(policy["tiny"])
