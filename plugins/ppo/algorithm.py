@@ -258,7 +258,7 @@ class PPO(OnlineAlgorithm):
         vf = value_loss(values, batch.old_values, batch.returns, mask, self.clip_range_value, aggregation)
         with torch.set_grad_enabled(bool(self.entropy_coef) and torch.is_grad_enabled()):
             # only logged when the bonus is off: then the full-vocabulary softmax stays out of the graph
-            entropy = entropy_bonus(logits if self.entropy_coef else logits.detach(), mask, temperature, aggregation)
+            entropy = entropy_bonus(logits, mask, temperature, aggregation)
         loss = pg.loss + self.vf_coef * vf.loss - self.entropy_coef * entropy
         return LossOutput(loss, units=pg.units, stats={
             "train/loss": loss.detach(), "loss/policy": pg.loss.detach(), "loss/value": vf.loss.detach(),
