@@ -35,6 +35,10 @@ from alignkit.run import METRICS_FILE, RunExistsError, atomic_write_json, defaul
 from alignkit.task import Task
 from alignkit.types import Rollout
 
+#: Printed under a table of several policies: what one evaluation can and cannot say.
+ONE_SEED_NOTE = ("one seed: ± is the spread over prompts, not over runs, so this table does not rank the policies; "
+                 "for means and 95 % CIs over seeds at matched KL run `alignkit study --config recipes/study.yaml`")
+
 #: Name under which a ``reference`` that is not one of the policies is evaluated.
 REFERENCE_NAME = "reference"
 
@@ -145,6 +149,39 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def best_of_n_means(proxy: list[float], gold: list[float], samples_per_prompt: int, ns: list[int]) -> dict[int, float]:
+    """Mean gold reward of the best-of-n pick for each n in ``ns``, from one set of samples.
+
+    ``proxy`` and ``gold`` hold ``N = samples_per_prompt`` consecutive entries per prompt (prompt i owns
+    entries ``[i·N, (i+1)·N)``, as :func:`best_of_n_pick` reads them). For each n, prompt i's pick is the
+    response with the highest proxy score among its *first* n samples (the first one on a tie)::
+
+        j*_i(n) = argmax_{j < n} proxy[i·N + j]          bon(n) = (1/P) Σ_i gold[i·N + j*_i(n)]
+
+    Args:
+        proxy: proxy score of each response, ``P·N`` entries.
+        gold: gold reward of each response, ``P·N`` entries.
+        samples_per_prompt: ``N``, the responses sampled per prompt.
+        ns: the n to report, each in ``[1, N]``.
+
+    Returns:
+        ``{n: bon(n)}`` in the order of ``ns``.
+    """
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    if not ns or any(not 1 <= n <= samples_per_prompt for n in ns):
+        raise ValueError(f"ns must be a non-empty list of n in [1, {samples_per_prompt}], got {ns}")
+    if len(proxy) != len(gold) or not proxy or len(proxy) % samples_per_prompt:
+        raise ValueError(f"proxy ({len(proxy)}) and gold ({len(gold)}) need the same non-zero length, a multiple "
+                         f"of samples_per_prompt={samples_per_prompt}")
+    curve = {}
+    for n in ns:
+        # the first n entries of each prompt's group, still n consecutive entries per prompt
+        firsts = [k for k in range(len(proxy)) if k % samples_per_prompt < n]
+        curve[n] = _mean(best_of_n_pick([proxy[k] for k in firsts], [gold[k] for k in firsts], n))
+    return curve
+
+
 # ------------------------------------------------------------------------------------------ results
 
 
@@ -189,14 +226,19 @@ class EvalResult:
 
 
 @dataclass
-class _Samples:
-    """One policy's samples on the evaluation prompts, flattened over the batches."""
+class Samples:
+    """One policy's samples on a list of prompts, scored, flattened over the generation batches."""
 
     responses: list[str]
+    """The decoded responses, one per prompt, in prompt order."""
     gold: list[float]
+    """The task's gold reward of each response."""
     proxy: list[float] | None
+    """The proxy reward plugin's score of each response (None without a proxy)."""
     kl: list[float]
+    """Per-sequence estimate of KL(π‖π_ref) of each response (see :func:`sequence_kl`)."""
     lengths: list[int]
+    """Response length in tokens (the stop token included)."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -204,6 +246,14 @@ class _Samples:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def with_task_stop(sampling: SamplingConfig, task: Task) -> SamplingConfig:
+    """``sampling`` with the task's stop string added to its ``stop_strings`` (unchanged when the task has
+    none or it is already there)."""
+    if task.stop and task.stop not in sampling.stop_strings:
+        return replace(sampling, stop_strings=[*sampling.stop_strings, task.stop])
+    return sampling
 
 
 @torch.no_grad()
@@ -216,23 +266,36 @@ def _proxy_scores(reward: Reward, rollout: Rollout) -> list[float]:
     return scores
 
 
-def _sample(model, tokenizer, prompts: list[str], sampling: SamplingConfig, batch_size: int,
-            seed: int) -> list[Rollout]:
-    """One response per prompt, from a fresh generator seeded with ``seed`` on the model's device."""
+def sample_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, batch_size: int,
+                     seed: int) -> list[Rollout]:
+    """One response per prompt (batches of ``batch_size``), drawn with a fresh ``torch.Generator`` seeded with
+    ``seed`` on the model's device: the global RNG is neither used nor advanced, and two models with the same
+    weights give the same samples. Returns one :class:`Rollout` per batch."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     return sample_texts(model, tokenizer, prompts, sampling, batch_size, generator)
 
 
 @torch.no_grad()
-def _score(model, ref_model, rollouts: list[Rollout], task: Task, reward: Reward | None,
-           temperature: float) -> _Samples:
-    """Gold, proxy and the KL estimate of every sampled response."""
+def score_samples(rollouts: list[Rollout], ref_model: torch.nn.Module | None, task: Task, reward: Reward | None,
+                  temperature: float) -> Samples:
+    """Gold, proxy and the KL estimate of every sampled response.
+
+    Args:
+        rollouts: the policy's samples (:func:`sample_responses`); their ``logprobs`` are log π.
+        ref_model: the reference policy π_ref, run once over each rollout's sequences (in eval mode, its mode
+            restored afterwards); None when the rollouts were sampled from the reference itself, whose KL
+            estimate is then exactly 0 (log π_ref is the rollout's own log π) without a forward pass.
+        task: gold reward.
+        reward: proxy reward plugin (None: no proxy scores).
+        temperature: the sampling temperature, at which log π_ref is taken.
+    """
     responses, prompts, kl, lengths, proxy = [], [], [], [], []
-    was_training = ref_model.training
-    ref_model.eval()
+    was_training = ref_model.training if ref_model is not None else False
+    if ref_model is not None:
+        ref_model.eval()
     try:
         for ro in rollouts:
-            if ref_model is model:  # the reference itself: log π_ref is log π, already computed
+            if ref_model is None:  # the reference itself: log π_ref is log π, already computed
                 ref_logps = ro.logprobs
             else:
                 ref_logps = response_logprobs(ref_model, ro.sequences, ro.attention_mask, ro.prompt_length,
@@ -244,9 +307,54 @@ def _score(model, ref_model, rollouts: list[Rollout], task: Task, reward: Reward
             if reward is not None:
                 proxy += _proxy_scores(reward, ro)
     finally:
-        ref_model.train(was_training)
-    return _Samples(responses, task.gold_rewards(prompts, responses), proxy if reward is not None else None,
-                    kl, lengths)
+        if ref_model is not None:
+            ref_model.train(was_training)
+    return Samples(responses, task.gold_rewards(prompts, responses), proxy if reward is not None else None,
+                   kl, lengths)
+
+
+def best_of_n_curve(model, tokenizer, prompts: list[str], task: Task, reward: Reward, ns: list[int],
+                    sampling: SamplingConfig, batch_size: int = 64, seed: int = 0) -> dict[int, float]:
+    """Gold reward of best-of-n under a proxy reward, for several n from one set of samples.
+
+    Each prompt ``x_i`` (``i < P``) gets ``N = max(ns)`` responses ``y_{i,0} … y_{i,N−1}`` from ``model``, all drawn
+    in one pass with a single generator seeded with ``seed`` (the prompts repeated ``N`` times in a row, in
+    batches of ``batch_size``). With ``r`` the proxy ``reward`` and ``g`` the task's gold reward, the pick for
+    n is the proxy-best among the *first* n samples (the first one on a tie)::
+
+        j*_i(n) = argmax_{j < n} r(x_i, y_{i,j})          curve[n] = (1/P) Σ_i g(x_i, y_{i, j*_i(n)})
+
+    so the samples behind n are a prefix of those behind any larger n (the points of the curve share their
+    randomness). ``curve[1]`` is the mean gold of plain samples; the KL from ``model`` of best-of-n is about
+    :func:`best_of_n_kl`.
+
+    Args:
+        model: the sampled policy (usually the reference / SFT policy), on its device.
+        tokenizer: its tokenizer.
+        prompts: the prompts ``x_i``.
+        task: gold reward; its stop string is added to ``sampling`` if it has one.
+        reward: the proxy reward plugin that picks, on the model's device.
+        ns: the n to report (each >= 1).
+        sampling: sampling settings.
+        batch_size: sequences per generation batch.
+        seed: seed of the sampling generator.
+
+    Returns:
+        ``{n: mean gold of the best-of-n picks}`` in the order of ``ns``.
+    """
+    if not ns or any(n < 1 for n in ns):
+        raise ValueError(f"ns must be a non-empty list of n >= 1, got {ns}")
+    if not prompts:
+        raise ValueError("best_of_n_curve needs at least one prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sampling = with_task_stop(sampling, task)
+    largest = max(ns)
+    repeated = [p for p in prompts for _ in range(largest)]
+    samples = score_samples(sample_responses(model, tokenizer, repeated, sampling, batch_size, seed), None, task,
+                            reward, sampling.temperature)
+    assert samples.proxy is not None
+    return best_of_n_means(samples.proxy, samples.gold, largest, ns)
 
 
 def _check_same_vocabulary(tokenizer, ref_tokenizer, name: str) -> None:
@@ -369,8 +477,7 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
         prompts = prompts[:num_prompts]
     if not prompts:
         raise ValueError(f"task {task.name!r} has no evaluation prompts")
-    if task.stop and task.stop not in sampling.stop_strings:
-        sampling = replace(sampling, stop_strings=[*sampling.stop_strings, task.stop])
+    sampling = with_task_stop(sampling, task)
 
     out = Path(run_dir) if run_dir else default_run_dir("eval")
     if (out / METRICS_FILE).exists():
@@ -392,7 +499,7 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
         return model.to(device).eval(), tokenizer
 
     ref_model, ref_tokenizer = load(policies[ref_name])
-    samples: dict[str, _Samples] = {}
+    samples: dict[str, Samples] = {}
     best_of_n_gold: float | None = None
     for name in [ref_name, *(n for n in policies if n != ref_name)]:  # the reference first: others need it
         if policies[name] == policies[ref_name]:
@@ -400,13 +507,13 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
         else:
             model, tokenizer = load(policies[name])
             _check_same_vocabulary(tokenizer, ref_tokenizer, name)
-        rollouts = _sample(model, tokenizer, prompts, sampling, batch_size, seed)
-        samples[name] = _score(model, ref_model, rollouts, task, reward, sampling.temperature)
+        rollouts = sample_responses(model, tokenizer, prompts, sampling, batch_size, seed)
+        samples[name] = score_samples(rollouts, None if model is ref_model else ref_model, task, reward,
+                                      sampling.temperature)
         if name == ref_name and best_of_n:
-            repeated = [p for p in prompts for _ in range(best_of_n)]
-            bon = _score(model, ref_model, _sample(model, tokenizer, repeated, sampling, batch_size, seed), task,
-                         reward, sampling.temperature)
-            best_of_n_gold = _mean(best_of_n_pick(bon.proxy, bon.gold, best_of_n))
+            assert reward is not None  # checked above
+            best_of_n_gold = best_of_n_curve(model, tokenizer, prompts, task, reward, [best_of_n], sampling,
+                                             batch_size, seed)[best_of_n]
         del model, rollouts
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -433,8 +540,11 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
     if best_of_n_gold is not None:
         print(f"best-of-{best_of_n} under the proxy on {ref_name}: gold {best_of_n_gold:.3f} "
               f"(KL ≤ {best_of_n_kl(best_of_n):.3f})")
+    if len(results) > 1:
+        print(ONE_SEED_NOTE)
     print(f"[eval] {len(results)} policies on {len(prompts)} {task.name} prompts -> {out / METRICS_FILE}")
     return results
 
 
-__all__ = ["EvalResult", "best_of_n_kl", "best_of_n_pick", "distinct_n", "evaluate", "sequence_kl", "win_rate"]
+__all__ = ["EvalResult", "Samples", "best_of_n_curve", "best_of_n_kl", "best_of_n_means", "best_of_n_pick",
+           "distinct_n", "evaluate", "sample_responses", "score_samples", "sequence_kl", "win_rate", "with_task_stop"]
