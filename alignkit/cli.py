@@ -23,6 +23,7 @@ from alignkit.checkpoint import AtomicCheckpointIO, LastCheckpoint
 from alignkit.data.modules import AlignData
 from alignkit.module import AlignModule
 from alignkit.run import RunDirectory, check_fresh, default_run_dir, resume_checkpoint
+from alignkit.seeds import fill_seeds, global_seed
 
 TRAINER_COMMANDS = ("fit", "validate")
 RUN_DIR_ENV = "ALIGNKIT_RUN_DIR"
@@ -79,6 +80,9 @@ class AlignCLI(LightningCLI):
         elif self.subcommand == "fit":
             check_fresh(Path(run_dir))
         cfg.run_dir = cfg.trainer.default_root_dir = str(run_dir)
+        # One seed drives the run: every seed left unset derives from it by its role (recorded in config.yaml).
+        run_seed = cfg.seed_everything if cfg.seed_everything is not False else global_seed()
+        fill_seeds(cfg, run_seed)
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self._cfg

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.rollout import SamplingConfig, sample_texts
 from alignkit.run import METRICS_FILE, atomic_write_json, check_fresh, default_run_dir
+from alignkit.seeds import ANNOTATOR, derive_seed
 from alignkit.task import PreferencePair, SimulatedAnnotator, Task, preference_records
 
 PREFERENCES_FILE = "preferences.jsonl"
@@ -54,11 +56,13 @@ def collect(policy: str, task: Task, annotator: SimulatedAnnotator = SimulatedAn
     Args:
         policy: the policy's model directory (e.g. an SFT stage's ``model/``) or HF name.
         task: the task whose train prompts, gold reward and annotator semantics are used.
-        annotator: the simulated labeller (Bradley–Terry on gold, temperature, label-flip probability).
+        annotator: the simulated labeller (Bradley–Terry on gold, temperature, label-flip probability; its
+            seed, when not given, is ``derive_seed(seed, "annotator")``).
         num_prompts: how many train prompts to label (at most the task's number of train prompts).
         sampling: sampling settings for the two responses.
         batch_size: prompts per generation batch.
-        seed: seed of the sampling.
+        seed: seed of the pair sampling, and the run's seed the annotator's derives from; both are recorded in
+            metrics.json.
         run_dir: output folder (default: runs/collect/<timestamp>); gets preferences.jsonl and metrics.json.
     """
     out = Path(run_dir) if run_dir else default_run_dir("collect")
@@ -66,9 +70,12 @@ def collect(policy: str, task: Task, annotator: SimulatedAnnotator = SimulatedAn
     model, tokenizer = load_model(ModelConfig(name_or_path=policy), "causal_lm")
     prompts = task.train_prompts()[:num_prompts]
     prompts, first, second = sample_pairs(model, tokenizer, prompts, sampling, batch_size, seed)
+    # a fresh stream every call: the labels depend on the arguments only, never on an earlier call's draws
+    annotator = replace(annotator, seed=derive_seed(seed, ANNOTATOR) if annotator.seed is None else annotator.seed)
     pairs = annotator.label(task, prompts, first, second)
     write_jsonl(out / PREFERENCES_FILE, preference_records(pairs))
-    summary = {**label_summary(pairs), "task": task.name, "policy": policy}
+    summary = {**label_summary(pairs), "task": task.name, "policy": policy, "seed": seed,
+               "annotator_seed": annotator.seed}
     atomic_write_json(out / METRICS_FILE, summary)
     print(f"[collect] {len(pairs)} labelled pairs -> {out / PREFERENCES_FILE} "
           f"(labels agree with gold on {summary['labels/agree_with_gold']:.1%})")

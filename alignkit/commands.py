@@ -3,11 +3,12 @@ options (``alignkit <command> --help`` documents them from the docstring)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -19,6 +20,7 @@ from alignkit.evaluation import evaluate
 from alignkit.manager import PluginError, discover
 from alignkit.module import NonFiniteError
 from alignkit.run import METRICS_FILE, MODEL_DIR, RunExistsError, read_metrics
+from alignkit.seeds import derive_seed
 
 USER_ERRORS = (DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
 
@@ -59,8 +61,30 @@ def substitute(arg: str, outputs: dict[str, Path]) -> str:
     return arg
 
 
+#: Commands whose ``seed`` is a yardstick, the same for every seed of a pipeline (``alignkit eval`` samples the
+#: evaluation prompts with it): ``pipeline(seed=...)`` does not derive theirs. A plugin marks its own commands
+#: with :func:`alignkit.seeds.fixed_seed` (the ``fixed_seed`` attribute).
+FIXED_SEED_COMMANDS = frozenset({"eval"})
+
+
+def stage_seed_args(stage: Stage, seed: int, commands: dict[str, object]) -> list[str]:
+    """The arguments by which the pipeline's ``seed`` reaches a stage, placed before the stage's own ``args``
+    (which therefore win): ``--seed_everything=derive_seed(seed, <stage name>)`` for a ``fit`` stage (its internal
+    seeds derive from that, :mod:`alignkit.seeds`; two stages of one recipe, e.g. the members of a reward ensemble,
+    thus train differently), ``--seed=derive_seed(seed, <stage name>)`` for a command with a ``seed`` option, none
+    for a command without one or whose seed is a yardstick (:data:`FIXED_SEED_COMMANDS`, ``fixed_seed``)."""
+    if stage.command == "fit":
+        return [f"--seed_everything={derive_seed(seed, stage.name)}"]
+    function: Any = commands[stage.command]
+    if stage.command in FIXED_SEED_COMMANDS or getattr(function, "fixed_seed", False):
+        return []
+    if "seed" not in inspect.signature(function).parameters:
+        return []
+    return [f"--seed={derive_seed(seed, stage.name)}"]
+
+
 def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | None = None,
-             only: list[str] | None = None, base_dir: str = ".") -> dict[str, Path]:
+             only: list[str] | None = None, base_dir: str = ".", seed: int | None = None) -> dict[str, Path]:
     """Run a list of stages, each reading the previous stages' outputs. Stages already finished in
     ``run_dir`` (their ``metrics.json`` exists) are skipped and a ``fit`` stage stopped part-way continues
     from its last checkpoint, so a stopped pipeline resumes.
@@ -71,6 +95,10 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
         set: extra arguments appended to every ``fit`` stage, e.g. ``--trainer.max_steps=5``.
         only: run only these stages (their inputs must exist already).
         base_dir: folder that recipe paths are relative to (the pipeline file's folder by default).
+        seed: one seed for the whole pipeline: every ``fit`` stage gets ``--seed_everything=derive_seed(seed,
+            <stage name>)`` (its internal seeds derive from that) and every other stage with a ``seed`` option
+            ``--seed=derive_seed(seed, <stage name>)``, except yardstick commands such as ``eval``
+            (:mod:`alignkit.seeds`). A stage's own ``args`` win. None: each stage's recipe and options decide.
     """
     from alignkit.cli import fit
     from alignkit.run import default_run_dir
@@ -84,11 +112,13 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
         if (stage_dir / METRICS_FILE).exists():
             print(f"[pipeline] {stage.name}: already finished in {stage_dir}, skipped")
             continue
-        args = [substitute(a, outputs) for a in stage.args]
-        print(f"[pipeline] {stage.name}: {stage.command} {' '.join(shlex.quote(a) for a in args)}")
         if stage.command != "fit" and stage.command not in available():
             raise DataError(f"pipeline stage {stage.name!r}: unknown command {stage.command!r}; "
                             f"known: fit, {', '.join(sorted(available()))}")
+        seeded = stage_seed_args(stage, seed, available()) if seed is not None else []
+        args = [*seeded, *(substitute(a, outputs) for a in stage.args)]
+        print(f"[pipeline] {stage.name}: {stage.command} {' '.join(shlex.quote(a) for a in args)}"
+              + (f"  (seed {seed}: {', '.join(seeded) or 'none derived'})" if seed is not None else ""))
         if stage.command == "fit":
             if stage.recipe is None:
                 raise DataError(f"pipeline stage {stage.name!r}: a fit stage needs a recipe")
@@ -112,19 +142,32 @@ def available() -> dict[str, object]:
     (name → typed function), e.g. Constitutional AI's ``cai-revise``."""
     from importlib.metadata import entry_points
 
+    from alignkit.study import study  # imports this module: loaded on first use
+
     table = {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
-    return {**{name: ep.load() for name, ep in table.items() if name not in COMMANDS}, **COMMANDS}
+    return {**{name: ep.load() for name, ep in table.items() if name not in COMMANDS}, **COMMANDS, "study": study}
+
+
+_LAST_COMMAND: list[str] = []
+
+
+def last_command() -> list[str]:
+    """The command name and arguments of the newest :func:`run` call in this process (e.g. for a report)."""
+    return list(_LAST_COMMAND)
 
 
 def run(name: str, argv: list[str]) -> object:
     """Parse ``argv`` for command ``name`` (``--config FILE`` allowed) and call it."""
+    _LAST_COMMAND[:] = [name, *argv]
     function = available()[name]
     summary = (function.__doc__ or "").split("\n\n")[0]  # the Args section becomes the options' help
     parser = ArgumentParser(prog=f"alignkit {name}", description=summary, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")
     parser.add_function_arguments(function, as_group=False)
     cfg = parser.parse_args(argv)
-    if name == "pipeline" and cfg.get("config") and cfg.base_dir == ".":
+    if name in ("pipeline", "study") and cfg.get("config") and cfg.base_dir == ".":
         cfg.base_dir = str(Path(str(cfg.config[-1])).parent)  # recipes are relative to the pipeline file
+    if name == "study" and cfg.get("config") and not cfg.name:
+        cfg.name = Path(str(cfg.config[-1])).stem  # the wandb group: the study file's name
     init = parser.instantiate(cfg)
     return function(**{k: init[k] for k in init.keys() if k != "config"})

@@ -1,7 +1,8 @@
 """``alignkit compare``: compare finished runs offline, from their run directories alone.
 
-Two kinds of run directory are understood, told apart by their ``metrics.json``:
+Three kinds of run directory are understood, told apart by their ``study.json`` or ``metrics.json``:
 
+- a study (``alignkit study``): its ``study.json``, whose report and plots are made again from its cells;
 - a training run (``alignkit fit``, a pipeline's fit stage): ``{"algorithm", "global_step",
   "wall_time_s", "first", "final", ...}`` plus the per-step ``metrics.csv`` of Lightning's CSVLogger;
 - an evaluation (``alignkit eval``): ``{"settings", "policies": {name: {"metrics": {"eval/*": ...}}}}``.
@@ -36,6 +37,7 @@ GOLD_VS_KL_PNG = "gold_vs_kl.png"
 GOLD_VS_SQRT_KL_PNG = "gold_vs_sqrt_kl.png"
 REWARD_OVER_STEPS_PNG = "reward_over_steps.png"
 CSV_FILE = "metrics.csv"
+STUDY_FILE = "study.json"
 
 #: Per-step metric plotted for a training run: the first of these its ``metrics.csv`` holds.
 STEP_METRICS = ("objective/scores", "rewards/margins", "train/loss")
@@ -393,7 +395,7 @@ def compare(runs: list[str], out: str | None = None, names: list[str] | None = N
     (also printed) and ``comparison.json`` beside the plots; reads only the run directories.
 
     Args:
-        runs: run directories to compare, each holding a ``metrics.json``.
+        runs: run directories to compare, each holding a ``metrics.json``, or study directories (``study.json``).
         out: output folder (default: runs/compare/<timestamp>); existing comparison files are replaced.
         names: display names of the runs, one per run (default: the folders' names).
         x: which reward-vs-KL plots to draw: against KL, against √KL (Gao et al. 2022), or both.
@@ -406,13 +408,23 @@ def compare(runs: list[str], out: str | None = None, names: list[str] | None = N
         raise ValueError(f"{len(names)} names for {len(runs)} runs; give one name per run")
     if names is not None and len(set(names)) != len(names):
         raise ValueError(f"names must be unique, got {names}")
-    paths = [Path(r) for r in runs]
+    dest = Path(out) if out else default_run_dir("compare")
+    studies = [Path(r) for r in runs if (Path(r) / STUDY_FILE).is_file()]
+    for study_dir in studies:  # a study: its report, re-aggregated from its cells
+        from alignkit.study_report import write_report
+
+        study = json.loads((study_dir / STUDY_FILE).read_text())
+        target = dest if len(studies) == 1 else dest / study_dir.name
+        write_report(target, study["study"], study["cells"], study["aggregates"]["kl_budgets"])
+    if len(studies) == len(runs):
+        return dest
+    paths = [Path(r) for r in runs if Path(r) not in studies]
+    names = [n for r, n in zip(runs, names) if Path(r) not in studies] if names is not None else None
     loaded = [load_run(p, n) for p, n in zip(paths, names or default_names(paths))]
     train = [r for r in loaded if r.kind == "train"]
     evals = [r for r in loaded if r.kind == "eval"]
     tables = [t for t in (training_table(train) if train else None, eval_table(evals) if evals else None) if t]
 
-    dest = Path(out) if out else default_run_dir("compare")
     dest.mkdir(parents=True, exist_ok=True)
     for file in (GOLD_VS_KL_PNG, GOLD_VS_SQRT_KL_PNG, REWARD_OVER_STEPS_PNG):
         (dest / file).unlink(missing_ok=True)  # a plot of an earlier comparison never passes for this one's

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import ClassVar
 
+from alignkit.seeds import ANNOTATOR, resolve_seed
+
 
 @dataclass(frozen=True)
 class Demonstration:
@@ -168,33 +170,37 @@ class SimulatedAnnotator:
     Args:
         temperature: Bradley–Terry temperature on the gold-reward gap (0 = always pick the better one).
         flip_prob: Probability of flipping each sampled label (AlpacaFarm's label noise is 0.25).
-        seed: Seed of the annotator's random stream.
+        seed: Seed of the annotator's random stream; None: derived (role ``annotator``, :mod:`alignkit.seeds`)
+            from the seed of the command that labels (``alignkit collect``'s ``seed``) or, used on its own,
+            from the global seed when the first pair is labelled.
     """
 
     temperature: float = 1.0
     flip_prob: float = 0.25
-    seed: int = 0
-    _rng: random.Random = field(init=False, repr=False, compare=False)
+    seed: int | None = None
+    _rng: random.Random | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.temperature < 0.0:
             raise ValueError("temperature must be non-negative")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError("flip_prob must lie in [0, 1]")
-        self._rng = random.Random(self.seed)
+        self._rng = None if self.seed is None else random.Random(self.seed)
 
     def label(self, task: Task, prompts: list[str], responses_a: list[str],
               responses_b: list[str]) -> list[PreferencePair]:
         """Label each (prompt, a, b) triple; returns the pairs ordered as given."""
         if not len(prompts) == len(responses_a) == len(responses_b):
             raise ValueError("prompts, responses_a and responses_b must have the same length")
+        if self._rng is None:
+            self._rng = random.Random(resolve_seed(self.seed, ANNOTATOR))
         gold_a = task.gold_rewards(prompts, responses_a)
         gold_b = task.gold_rewards(prompts, responses_b)
-        pairs = []
+        pairs, rng = [], self._rng
         for prompt, a, b, ga, gb in zip(prompts, responses_a, responses_b, gold_a, gold_b):
             p_a = bradley_terry(ga, gb, self.temperature)
-            a_wins = self._rng.random() < p_a
-            if self._rng.random() < self.flip_prob:
+            a_wins = rng.random() < p_a
+            if rng.random() < self.flip_prob:
                 a_wins = not a_wins
             if a_wins:
                 pairs.append(PreferencePair(prompt, a, b, ga, gb, p_a))

@@ -172,7 +172,9 @@ def generate() -> str:
     from alignkit.commands import COMMANDS, Stage
     from alignkit.data.modules import AlignData
     from alignkit.manager import plugin_kind
+    from alignkit.gold_eval import GoldEval
     from alignkit.module import AlignModule
+    from alignkit.study import Claim, Method, StudyEvaluation, study
 
     with attribute_docstrings():
         out = ["# Recipe reference", "",
@@ -213,9 +215,15 @@ def generate() -> str:
                 out += component(name, f"alignkit.data.{name}", cls, class_options(cls), f"batches of kind `{cls.kind}`")
 
         out += ["## Commands", "", "`alignkit <command> --option=value ...`, or the same options in a YAML file given with `--config`.", ""]
-        for name, function in COMMANDS.items():
+        for name, function in {**COMMANDS, "study": study}.items():
             out += [f"### alignkit {name}", "", summary(function), "", *table(function_options(function)), ""]
-        out += ["A pipeline stage (`stages:` items):", "", *table(class_options(Stage)), ""]
+        out += ["A pipeline stage (`stages:` items, and a study's `upstream:` items):", "", *table(class_options(Stage)), ""]
+        out += ["A study method (`methods:` items):", "", *table(class_options(Method)), ""]
+        out += ["A study's yardstick (`evaluation:`):", "", *table(class_options(StudyEvaluation)), ""]
+        out += ["A study claim (`claims:` items):", "", *table(class_options(Claim)), ""]
+        out += ["## Callbacks", "", "Added under `trainer.callbacks` (a list of `class_path` + `init_args`).", ""]
+        out += component("GoldEval", "alignkit.gold_eval.GoldEval", GoldEval, class_options(GoldEval),
+                         "gold-reward trajectory during training")
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -97,7 +97,7 @@ def initial_model(algorithm, policy: ModelConfig):
 
 
 CASES = {
-    "sft": (lambda i: ["--config", "recipes/sft.yaml", *[f"--model.policy.tiny.{k}={v}" for k, v in vars(TINY).items()],
+    "sft": (lambda i: ["--config", "recipes/sft.yaml", *[f"--model.policy.tiny.{k}={v}" for k, v in vars(TINY).items() if v is not None],
                        "--data.init_args.task.init_args.num_train_prompts=64"],
             lambda i: (SFT(), ModelConfig(name_or_path="tiny", tiny=TINY))),
     "rm": (lambda i: ["--config", "recipes/reward_model.yaml", f"--model.policy.name_or_path={i['policy']}",

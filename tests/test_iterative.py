@@ -15,6 +15,7 @@ import alignkit.cli  # noqa: F401  (imported before any test captures output: li
 from alignkit.data.formats import DataError
 from alignkit.rollout import SamplingConfig
 from alignkit.run import RunExistsError
+from alignkit.seeds import derive_seed
 from alignkit.task import SimulatedAnnotator
 from alignkit_plugins.iterative import (
     AnnotatorLabeller,
@@ -111,14 +112,16 @@ def make_plan(run_dir: Path, method: str = "rm_ppo", kl_anchor: str = "sft", dpo
 
 def test_fit_step_args(tmp_path):
     r2 = tmp_path / "round_2"
+    # every fit step is seeded from the run's seed (0 here), by its own role, before the user's fit_args
     assert fit_step_args(make_plan(tmp_path), 2, "rm") == [
         "--config", "rm.yaml", f"--model.policy.name_or_path={tmp_path / 'round_1/rm/model'}",
-        f"--data.init_args.path={r2 / 'all_labels.jsonl'}", "--experiment=grp", "--wandb=false", "--shared",
-        "--rm_extra", "--run_dir", str(r2 / "rm")]
+        f"--data.init_args.path={r2 / 'all_labels.jsonl'}", f"--seed_everything={derive_seed(0, 'round_2.rm')}",
+        "--experiment=grp", "--wandb=false", "--shared", "--rm_extra", "--run_dir", str(r2 / "rm")]
     assert fit_step_args(make_plan(tmp_path), 2, "ppo") == [
         "--config", "ppo.yaml", f"--model.policy.name_or_path={tmp_path / 'round_1/ppo/model'}",
         "--model.rewards=[{class_path: alignkit_plugins.rewards.RewardModelReward, init_args: "
-        f"{{path: {r2 / 'rm/model'}}}}}]", "--model.reference.name_or_path=/sft", "--experiment=grp",
+        f"{{path: {r2 / 'rm/model'}}}}}]", "--model.reference.name_or_path=/sft",
+        f"--seed_everything={derive_seed(0, 'round_2.ppo')}", "--experiment=grp",
         "--wandb=false", "--shared", "--ppo_extra", "--run_dir", str(r2 / "ppo")]
     dpo = fit_step_args(make_plan(tmp_path, "dpo", "previous", "round"), 2, "dpo")
     assert dpo[2:4] == [f"--model.policy.name_or_path={tmp_path / 'round_1/dpo/model'}",

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from alignkit import seeds
 from alignkit.data.formats import (
     DataError,
     PreferenceFormat,
@@ -142,7 +143,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
     def __init__(self, path: str | None = None, task: Task | None = None, split: str = "train",
                  batch_size: int = 16, max_length: int = 256, max_prompt_length: int = 128,
                  truncation: Truncation = "truncate", val_fraction: float = 0.05, limit: int | None = None,
-                 chat_template: bool = False, bootstrap: bool = False, shuffle: bool = True, seed: int = 0,
+                 chat_template: bool = False, bootstrap: bool = False, shuffle: bool = True, seed: int | None = None,
                  num_workers: int = 0, group_by_length: bool = False):
         """
         Args:
@@ -160,7 +161,8 @@ class AlignData(L.LightningDataModule, abc.ABC):
                 the validation hold-out, e.g. to train the members of a reward-model ensemble.
             shuffle: shuffle the training examples every epoch (seeded); without it, a run on N processes sees
                 exactly the global batches of a 1-process run (rank r takes rows r, r+N, ...).
-            seed: seed of the train/validation split, the bootstrap and the shuffling.
+            seed: seed of the train/validation split, the bootstrap and the shuffling; None: derived from the
+                run's seed (role ``data.seed``, :mod:`alignkit.seeds`; set by ``setup``).
             num_workers: DataLoader worker processes.
             group_by_length: batch training examples of similar length, so batches carry less padding: each
                 epoch's order (shuffled or not) is cut into mega-batches of 32 global batches, each sorted by
@@ -182,6 +184,11 @@ class AlignData(L.LightningDataModule, abc.ABC):
         self.train_set: list[Any] = []
         self.val_set: list[Any] = []
         self.train_loader_state: dict[str, int] | None = None
+
+    @property
+    def run_seed(self) -> int:
+        """``seed``, or while it is unset the seed derived for role ``data.seed`` (``setup`` pins it)."""
+        return seeds.resolve_seed(self.seed, seeds.DATA)
 
     @property
     def source(self) -> str:
@@ -209,6 +216,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             self.attach(self.trainer.lightning_module.tokenizer)
+        self.seed = self.run_seed
         if self.train_set:
             return
         self.stats = TruncationStats()
@@ -217,13 +225,13 @@ class AlignData(L.LightningDataModule, abc.ABC):
             raise DataError(f"{self.source}: no usable examples after truncation ({self.stats.dropped} dropped)")
         self.train_set, self.val_set = self.hold_out(examples)
         if self.bootstrap:
-            rng = random.Random(f"bootstrap:{self.seed}")
+            rng = random.Random(f"bootstrap:{self.run_seed}")
             self.train_set = [self.train_set[rng.randrange(len(self.train_set))] for _ in self.train_set]
 
     def hold_out(self, examples: list[Any]) -> tuple[list[Any], list[Any]]:
         """Seeded random hold-out of ``val_fraction`` of the examples (order otherwise kept)."""
         order = list(range(len(examples)))
-        random.Random(self.seed).shuffle(order)
+        random.Random(self.run_seed).shuffle(order)
         n_val = int(len(examples) * self.val_fraction)
         return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in sorted(order[:n_val])]
 
@@ -232,10 +240,10 @@ class AlignData(L.LightningDataModule, abc.ABC):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Our own sampler, also on one process: Lightning's automatic one always shuffles training data.
         lengths = [self.length(e) for e in self.train_set] if self.group_by_length else None
-        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed,
-                                   lengths=lengths, batch_size=self.batch_size)
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle,
+                                   seed=self.run_seed, lengths=lengths, batch_size=self.batch_size)
         loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                                 num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+                                 num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.run_seed))
         if self.train_loader_state is not None:  # restored from a checkpoint: the trainer's loader asks first
             loader.load_state_dict(self.train_loader_state)
             self.train_loader_state = None
@@ -246,7 +254,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
             return []
         # A private generator: iterating the loader never draws from the global RNG (which sampling uses).
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.run_seed))
 
     @abc.abstractmethod
     def collate(self, examples: list[Any]):

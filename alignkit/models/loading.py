@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from alignkit.models.final_layer import final_layer_at
-from alignkit.models.tiny import TinyModelConfig, build_tiny_model
+from alignkit.models.tiny import TinyModelConfig, build_tiny_model, init_seed
 from alignkit.ops import accepts_argument, unwrap_peft
 
 ModelHead = Literal["causal_lm", "sequence_classification"]
@@ -78,7 +78,7 @@ def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreT
             config = model.config.to_dict()
             config.pop("id2label", None), config.pop("label2id", None)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.tiny.seed)
+                torch.manual_seed(init_seed(cfg.tiny))
                 model = LlamaForSequenceClassification(model.config.__class__(**{**config, "num_labels": 1}))
     else:
         source = _source(cfg)

@@ -32,8 +32,9 @@ class TinyModelConfig:
     num_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 256
-    seed: int = 0
-    """Seed of the random initialisation."""
+    seed: int | None = None
+    """Seed of the random initialisation; None: derived from the run's seed (role ``model.policy.tiny.seed``,
+    :mod:`alignkit.seeds`). The tokenizer does not depend on it."""
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -55,11 +56,20 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     return fast
 
 
+def init_seed(config: TinyModelConfig) -> int:
+    """The seed of the tiny model's initial weights: ``config.seed``, or the one derived for
+    :data:`alignkit.seeds.MODEL_INIT` from the global seed when it is None."""
+    from alignkit.seeds import MODEL_INIT, resolve_seed
+
+    return resolve_seed(config.seed, MODEL_INIT)
+
+
 def build_tiny_model(config: TinyModelConfig) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A freshly initialised tiny Llama and its tokenizer, both deterministic for ``config.seed``."""
+    """A freshly initialised tiny Llama (weights seeded by :func:`init_seed`) and its tokenizer, trained on the
+    corpus of ``config.task`` with the task's default seed: the same vocabulary whatever the model's seed."""
     from alignkit.manager import find_task
 
-    task = find_task(config.task)(seed=config.seed)
+    task = find_task(config.task)()
     tokenizer = build_tokenizer(task.corpus(), config.vocab_size)
     llama = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -69,7 +79,7 @@ def build_tiny_model(config: TinyModelConfig) -> tuple[LlamaForCausalLM, PreTrai
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(init_seed(config))
         model = LlamaForCausalLM(llama)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -29,6 +29,7 @@ from alignkit.data.formats import DataError
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.rollout import SamplingConfig, sample_texts
 from alignkit.run import METRICS_FILE, atomic_write_json, check_fresh, default_run_dir
+from alignkit.seeds import fixed_seed
 from alignkit.task import Task
 from alignkit_plugins.constitutional.constitution import DEFAULT_CONSTITUTION, Constitution, load_constitution
 from alignkit_plugins.constitutional.feedback import Feedback
@@ -180,13 +181,14 @@ def critique_revise(policy: str, task: Task, feedback: Feedback, constitution: s
         rounds: critique-and-revision rounds per answer.
         sampling: sampling settings of the policy's answers.
         batch_size: prompts per generation batch.
-        seed: seed of the sampling and of the principle draws.
+        seed: seed of the sampling and of the principle draws; an LMFeedback's seed left unset derives from it.
         run_dir: output folder (default: runs/cai-revise/<timestamp>).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     out = Path(run_dir) if run_dir else default_run_dir("cai-revise")
     check_fresh(out)
+    feedback.use_run_seed(seed)
     rules = load_constitution(constitution)
     prompts = _train_prompts(task, num_prompts)
     model, tokenizer = _load_policy(policy)
@@ -256,11 +258,12 @@ def ai_feedback(policy: str, task: Task, feedback: Feedback, constitution: str =
         num_prompts: how many train prompts to sample pairs for.
         sampling: sampling settings of the two responses.
         batch_size: prompts per generation batch.
-        seed: seed of the sampling and of the principle draws.
+        seed: seed of the sampling and of the principle draws; an LMFeedback's seed left unset derives from it.
         run_dir: output folder (default: runs/cai-feedback/<timestamp>).
     """
     out = Path(run_dir) if run_dir else default_run_dir("cai-feedback")
     check_fresh(out)
+    feedback.use_run_seed(seed)
     rules = load_constitution(constitution)
     prompts = _train_prompts(task, num_prompts)
     model, tokenizer = _load_policy(policy)
@@ -311,6 +314,7 @@ def compliance_table(results: dict[str, dict[str, float]], names: list[str]) -> 
     return "\n".join(lines)
 
 
+@fixed_seed  # measured on the evaluation prompts with eval's draws: a yardstick, like `alignkit eval`
 def compliance(policies: dict[str, str], task: Task, feedback: Feedback, constitution: str = str(DEFAULT_CONSTITUTION),
                num_prompts: int | None = None, sampling: SamplingConfig = SamplingConfig(max_new_tokens=24),
                batch_size: int = 64, seed: int = 0, run_dir: str | None = None) -> dict[str, dict[str, float]]:

@@ -35,6 +35,7 @@ from torch import Tensor
 from alignkit import ops
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.rollout import SamplingConfig, left_pad, position_ids_from_mask, sample_texts
+from alignkit.seeds import FEEDBACK, derive_seed, resolve_seed
 from alignkit.task import bradley_terry
 from alignkit_plugins.constitutional.constitution import (
     Principle,
@@ -64,6 +65,10 @@ class Feedback(abc.ABC):
     def complies(self, prompt: str, response: str, principle: Principle) -> bool | None:
         """Whether ``response`` follows ``principle`` on its own; None when the judge only compares."""
         return None
+
+    def use_run_seed(self, seed: int) -> None:
+        """Derive the seeds left unset (None) from ``seed``, the seed of the command that uses this feedback
+        (:mod:`alignkit.seeds`); seeds given explicitly stay. Nothing to do for a deterministic judge."""
 
     def critiques(self, prompts: list[str], responses: list[str], principles: list[Principle]) -> list[str]:
         """:meth:`critique` of each (prompt, response, principle)."""
@@ -150,12 +155,13 @@ class LMFeedback(Feedback):
         swap_average: judge both orders of every pair and average.
         batch_size: prompts per forward / generation batch.
         chat_template: wrap every prompt in the tokenizer's chat template as a user turn.
-        seed: seed of the sampling generator.
+        seed: seed of the sampling generator; None: derived (role ``feedback``, :mod:`alignkit.seeds`) from the
+            seed of the command that uses it (``cai-revise``, ``cai-feedback``), or else from the global seed.
     """
 
     def __init__(self, model: str, sampling: SamplingConfig = SamplingConfig(max_new_tokens=48, stop_strings=["\n\n"]),
                  option_labels: tuple[str, str] = ("A", "B"), swap_average: bool = True, batch_size: int = 16,
-                 chat_template: bool = False, seed: int = 0) -> None:
+                 chat_template: bool = False, seed: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(option_labels) != 2 or not all(option_labels) or option_labels[0] == option_labels[1]:
@@ -170,15 +176,24 @@ class LMFeedback(Feedback):
         """An LMFeedback around a model already in memory (left on its device; put in eval mode)."""
         feedback = cls(model=getattr(getattr(model, "config", None), "name_or_path", "") or "<in memory>", **kwargs)
         feedback._model, feedback._tokenizer = model.eval(), tokenizer
-        feedback._generator = torch.Generator(device=next(model.parameters()).device).manual_seed(feedback.seed)
+        feedback._generator = feedback._seeded_generator(next(model.parameters()).device)
         return feedback
+
+    def _seeded_generator(self, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(resolve_seed(self.seed, FEEDBACK))
+
+    def use_run_seed(self, seed: int) -> None:
+        if self.seed is None:
+            self.seed = derive_seed(seed, FEEDBACK)
+            if self._generator is not None:  # built already (from_model): restart it from the derived seed
+                self._generator = self._seeded_generator(self._generator.device)
 
     def _load(self):
         if self._model is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model, self._tokenizer = load_model(ModelConfig(name_or_path=self.model_name), "causal_lm")
             self._model = model.to(device).eval()
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            self._generator = self._seeded_generator(device)
         return self._model, self._tokenizer
 
     def complete(self, texts: list[str]) -> list[str]:

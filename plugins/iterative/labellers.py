@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from alignkit.collect import write_jsonl
 from alignkit.data.formats import DataError
+from alignkit.seeds import ANNOTATOR, derive_seed
 from alignkit.task import PreferencePair, SimulatedAnnotator, Task
 
 #: The file :class:`FileLabeller` writes into the round folder and reads back once filled.
@@ -38,11 +39,13 @@ Labelled = PreferencePair | dict
 
 @dataclass(frozen=True)
 class LabelContext:
-    """Where and what a labeller labels: the task, the round number (from 1) and the round's folder."""
+    """Where and what a labeller labels: the task, the round number (from 1), the round's folder and the
+    run's seed (``iterate``'s ``seed``), which a labeller's own seeds left unset derive from."""
 
     task: Task
     round_index: int
     round_dir: Path
+    seed: int = 0
 
 
 class LabelsPending(FileNotFoundError):
@@ -73,7 +76,8 @@ class AnnotatorLabeller(Labeller):
     """The task's simulated human: :class:`~alignkit.task.SimulatedAnnotator` on the task's gold reward.
 
     Round ``k`` uses a fresh annotator seeded with ``annotator.seed + k``, so labels do not depend on
-    which rounds ran in the same process (a resumed run labels as an uninterrupted one).
+    which rounds ran in the same process (a resumed run labels as an uninterrupted one). An annotator without
+    a seed takes ``derive_seed(context.seed, "annotator")`` (:mod:`alignkit.seeds`) as its ``annotator.seed``.
     """
 
     def __init__(self, annotator: SimulatedAnnotator = SimulatedAnnotator()):
@@ -86,7 +90,8 @@ class AnnotatorLabeller(Labeller):
     def label(self, prompts: list[str], responses_a: list[str], responses_b: list[str],
               context: LabelContext) -> list[Labelled]:
         check_lengths(prompts, responses_a, responses_b)
-        annotator = replace(self.annotator, seed=self.annotator.seed + context.round_index)
+        base = self.annotator.seed if self.annotator.seed is not None else derive_seed(context.seed, ANNOTATOR)
+        annotator = replace(self.annotator, seed=base + context.round_index)
         return list(annotator.label(context.task, prompts, responses_a, responses_b))
 
 

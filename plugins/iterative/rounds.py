@@ -46,6 +46,7 @@ from alignkit.evaluation import evaluate
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.rollout import SamplingConfig
 from alignkit.run import METRICS_FILE, MODEL_DIR, RunExistsError, atomic_write_json, default_run_dir
+from alignkit.seeds import derive_seed
 from alignkit.task import PreferencePair, Task
 from alignkit_plugins.iterative.labellers import LabelContext, Labeller, Labelled
 from alignkit_plugins.rewards.model import RewardModelReward, resolve_model_dir
@@ -301,7 +302,7 @@ def run_label(plan: Plan, index: int) -> None:
     ``all_labels.jsonl``."""
     path = round_dir(plan.run_dir, index)
     samples = read_jsonl(path / SAMPLES_FILE)
-    context = LabelContext(plan.task, index, path)
+    context = LabelContext(plan.task, index, path, plan.seed)
     labelled = plan.labeller.label([s["prompt"] for s in samples], [s["a"] for s in samples],
                                    [s["b"] for s in samples], context)
     name = type(plan.labeller).__name__
@@ -331,7 +332,9 @@ def fit_step_args(plan: Plan, index: int, step: str) -> list[str]:
         specific = [f"--model.policy.name_or_path={policy}", f"--data.init_args.path={data}"]
     if step != "rm" and reference is not None:
         specific.append(f"--model.reference.name_or_path={reference}")
-    shared = [f"--experiment={plan.group}", *([] if plan.wandb else ["--wandb=false"])]
+    # the run's seed drives every step's randomness (its own role per round and step); fit_args may override it
+    shared = [f"--seed_everything={derive_seed(plan.seed, f'round_{index}.{step}')}", f"--experiment={plan.group}",
+              *([] if plan.wandb else ["--wandb=false"])]
     return ["--config", plan.recipes[step], *specific, *shared, *plan.fit_args, *plan.stage_args[step],
             "--run_dir", str(path / step)]
 
@@ -463,7 +466,9 @@ def iterate(sft: str, task: Task, labeller: Labeller, rounds: int = 3, prompts_p
         sampling: sampling of the pairs to label and of the evaluation (the task's stop string is added).
         eval_prompts: evaluate on the first this many evaluation prompts (None: all).
         batch_size: prompts per generation batch (sampling and evaluation).
-        seed: seed of the sampling (round k samples with seed + k; evaluation always with seed).
+        seed: the run's seed: of the sampling (round k samples with seed + k; evaluation always with seed), of
+            each fit step (``--seed_everything=derive_seed(seed, "round_<k>.<step>")``, before ``fit_args``) and of
+            the labeller's seeds left unset (e.g. the annotator's, ``derive_seed(seed, "annotator")``).
         run_dir: output folder (default: runs/iterate/<timestamp>); one round_k/ folder per round.
         experiment: wandb group of the run and of its rounds' training runs (default: run_dir's name).
         wandb: log to wandb offline (the per-round curves and, unless fit_args say otherwise, the training runs).

@@ -29,6 +29,7 @@ from alignkit.models.final_layer import last_columns
 from alignkit.ops import masked_mean, token_logprobs
 from alignkit.plugin import OnlineAlgorithm, hookimpl
 from alignkit.rollout import SamplingConfig, position_ids_from_mask, response_logprobs
+from alignkit.seeds import ALGORITHM, resolve_seed
 from alignkit.types import LossOutput, Rollout, TensorRecord
 from alignkit_plugins.ppo.math import (
     AdaptiveKLController,
@@ -130,7 +131,7 @@ class PPO(OnlineAlgorithm):
         target_approx_kl: float | None = None,
         max_grad_norm: float | None = 1.0,
         loss_aggregation: LossAggregation = "token-mean",
-        seed: int = 0,
+        seed: int | None = None,
     ):
         """
         Args:
@@ -156,7 +157,8 @@ class PPO(OnlineAlgorithm):
             max_grad_norm: gradient clipping norm (None: off).
             loss_aggregation: how per-token policy, value and entropy terms are averaged
                 (:func:`alignkit.aggregation.agg_loss`); exact over a minibatch's micro-batches and ranks.
-            seed: seed of the minibatch shuffling.
+            seed: seed of the minibatch shuffling; None: derived from the run's seed (role
+                ``model.algorithm.seed``, :mod:`alignkit.seeds`).
         """
         super().__init__(update_epochs=update_epochs, target_approx_kl=target_approx_kl, max_grad_norm=max_grad_norm)
         for name, value in (("num_minibatches", num_minibatches), ("gradient_accumulation_steps", gradient_accumulation_steps)):
@@ -179,6 +181,7 @@ class PPO(OnlineAlgorithm):
     # ------------------------------------------------------------------------------------------ setup
     @hookimpl
     def alignkit_configure(self, module) -> None:
+        self.seed = resolve_seed(self.seed, ALGORITHM)
         self.value_head = ValueHead(module.policy.config.hidden_size)
         if self.critic_kind == "separate":
             self.critic = copy.deepcopy(module.policy)
@@ -235,7 +238,7 @@ class PPO(OnlineAlgorithm):
 
     @hookimpl
     def alignkit_minibatches(self, module, experience: PPOExperience) -> Iterator[list[PPOExperience]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.updates)
+        generator = torch.Generator().manual_seed(resolve_seed(self.seed, ALGORITHM) * 1_000_003 + self.updates)
         self.updates += 1
         order = torch.randperm(experience.size, generator=generator)
         for rows in order.chunk(self.num_minibatches):

@@ -1,0 +1,226 @@
+"""``alignkit study``: the aggregates against a hand computation, one-line errors before anything runs, and a
+2-seed smoke study (tiny steps) through the local process pool and the Ray executor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import QUIET, RECIPES, TINY_MODEL, run_cli
+
+from alignkit.study_report import aggregate, markdown
+
+# ------------------------------------------------------------------------------------------ aggregates
+
+
+def cell(method: str, seed: int, trajectory: list[tuple[float, float]], proxy: float | None = None) -> dict:
+    points = [{"step": 10 * i, "kl": kl, "gold": gold, "proxy": proxy, "win_rate": 0.5}
+              for i, (kl, gold) in enumerate(trajectory)]
+    last = points[-1]
+    return {"kind": "method", "method": method, "seed": seed, "status": "ok", "run_dir": f"seed-{seed}/{method}",
+            "trajectory": points, "wall_time_s": 10.0, "eval_time_s": 1.0,
+            "final": {k: last[k] for k in ("kl", "gold", "proxy", "win_rate")}}
+
+
+#: Method ``a`` ends at gold 0.5, 0.7, 0.6 and ``b`` at 0.4, 0.5, 0.6 on seeds 0, 1, 2.
+CELLS = [
+    cell("a", 0, [(0.0, 0.3), (1.0, 0.4), (2.0, 0.5)]),
+    cell("a", 1, [(0.0, 0.3), (2.0, 0.5), (4.0, 0.7)]),
+    cell("a", 2, [(0.0, 0.3), (0.5, 0.4), (3.0, 0.6)]),
+    cell("b", 0, [(0.0, 0.3), (1.0, 0.4)]),
+    cell("b", 1, [(0.0, 0.3), (1.0, 0.5)]),
+    cell("b", 2, [(0.0, 0.3), (1.0, 0.6)]),
+    {"kind": "method", "method": "c", "seed": 0, "status": "failed", "run_dir": "seed-0/c", "error": "Boom: no"},
+]
+
+
+def test_aggregates_match_a_hand_computation():
+    agg = aggregate(CELLS, ["a", "b", "c"], kl_budgets=[1.0, 2.0])
+    a, b, c = agg["methods"]["a"], agg["methods"]["b"], agg["methods"]["c"]
+    assert a["n_seeds"] == b["n_seeds"] == 3 and c["n_seeds"] == 0 and c["failed_seeds"] == [0]
+    assert a["gold_mean"] == pytest.approx(0.6)                # (0.5 + 0.7 + 0.6) / 3
+    assert b["gold_mean"] == pytest.approx(0.5)                # (0.4 + 0.5 + 0.6) / 3
+    assert a["kl_mean"] == pytest.approx(3.0)                  # (2 + 4 + 3) / 3
+    assert a["gold_iqm"] == pytest.approx(0.6)                 # 3 values: trim_mean(0.25) cuts none → the mean
+    assert 0.5 <= a["gold_ci_low"] <= 0.6 <= a["gold_ci_high"] <= 0.7
+    # matched KL: gold where each run first reaches the budget
+    #   budget 1: a/0 → 0.4 (a point), a/1 → 0.3 + (1/2)(0.5 − 0.3) = 0.4, a/2 → 0.4 + (0.5/2.5)(0.6 − 0.4) = 0.44
+    assert a["matched_kl"]["1"]["n"] == 3
+    assert a["matched_kl"]["1"]["gold_mean"] == pytest.approx((0.4 + 0.4 + 0.44) / 3)
+    #   budget 2: a/0 → 0.5, a/1 → 0.5, a/2 → 0.4 + (1.5/2.5)(0.2) = 0.52; b never reaches KL 2
+    assert a["matched_kl"]["2"]["gold_mean"] == pytest.approx((0.5 + 0.5 + 0.52) / 3)
+    assert b["matched_kl"]["2"] == {"n": 0, "gold_mean": None, "ci_low": None, "ci_high": None}
+    # paired differences a − b per seed: 0.1, 0.2, 0.0 → mean 0.1
+    pair = agg["pairs"]["a - b"]
+    assert pair["n"] == 3 and pair["difference"] == pytest.approx(0.1)
+    assert 0.0 <= pair["ci_low"] <= 0.1 <= pair["ci_high"] <= 0.2
+    # P(a > b) over all 9 pairs: 0.5 vs (0.4, 0.5, 0.6) → 1 + ½ + 0; 0.7 → 3; 0.6 → 1 + 1 + ½  ⇒ 7/9
+    assert pair["probability_of_improvement"] == pytest.approx(7 / 9)
+    assert "a - c" not in agg["pairs"]                          # no seed where both finished
+    # the RL form d(α − β log d) fitted to the gains over each run's start, pooled over seeds
+    assert a["fit"]["form"].startswith("rl") and a["fit"]["n_points"] == 6
+
+
+def test_report_names_failed_cells_and_states_one_seed():
+    study = {"study": {"name": "t", "command": "alignkit study", "date": "today", "machine": "m",
+                       "wall_time_s": 1.0, "executor": "inline", "workers": 1, "threads_per_worker": 1,
+                       "seeds": [0, 1, 2]},
+             "cells": CELLS, "aggregates": aggregate(CELLS[:4] + CELLS[6:], ["a", "b", "c"], [1.0])}
+    text = markdown(study)
+    assert "| a | 3 | 0.600 [" in text
+    assert "| b | 1 | 0.400 (one seed, no CI)" in text
+    assert "| c seed 0 | Boom: no |" in text
+
+
+def test_compare_reads_a_study_directory(tmp_path, capsys):
+    from alignkit.compare import compare
+    from alignkit.study_report import write_report
+
+    header = {"name": "t", "command": None, "date": "today", "machine": "m", "wall_time_s": 1.0,
+              "executor": "inline", "workers": 1, "threads_per_worker": 1, "seeds": [0, 1, 2],
+              "methods": ["a", "b"], "config": {}}
+    write_report(tmp_path / "study", header, CELLS[:6], [1.0])
+    capsys.readouterr()
+    compare([str(tmp_path / "study")], out=str(tmp_path / "cmp"))
+    assert "| a | 3 | 0.600 [" in capsys.readouterr().out
+    assert (tmp_path / "cmp" / "report.md").is_file() and (tmp_path / "cmp" / "gold_vs_sqrt_kl.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def study_file(tmp_path: Path, seeds: str = "[0, 1]", recipe: str = "dpo.yaml", method: str = "dpo") -> Path:
+    path = tmp_path / "study.yaml"
+    shutil.copy(RECIPES / "dpo.yaml", tmp_path / "dpo.yaml")
+    path.write_text(f"seeds: {seeds}\nmethods:\n  - name: {method}\n    recipe: {recipe}\n")
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": "[0, 1, 1]"}, "seeds [1] are listed more than once"),
+    ({"recipe": "missing.yaml"}, "missing.yaml does not exist"),
+    ({"recipe": "broken.yaml"}, "is not valid YAML"),
+    ({"method": "sft/x"}, "method name 'sft/x'"),
+])
+def test_bad_study_is_one_line_error_before_anything_runs(tmp_path, capsys, change, message):
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    path = study_file(tmp_path, **change)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["study", "--config", path, "--run_dir", tmp_path / "out"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_unknown_method_in_only_is_refused(tmp_path, capsys):
+    path = study_file(tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(["study", "--config", path, "--only=[ppo]", "--run_dir", tmp_path / "out"])
+    assert "unknown methods ['ppo']" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ smoke study
+
+SMOKE = f"""
+seeds: [0, 1]
+upstream:
+  - name: sft
+    recipe: {RECIPES}/sft.yaml
+    args: ["--data.init_args.task.init_args.num_train_prompts=64", "--trainer.max_epochs=1"]
+  - name: collect
+    command: collect
+    args: ["--policy=${{sft}}/model", "--task=alignkit_plugins.tasks.SentimentTask", "--num_prompts=32",
+           "--sampling.max_new_tokens=8"]
+methods:
+  - name: sft
+    policy: "${{sft}}/model"
+  - name: dpo
+    recipe: {RECIPES}/dpo.yaml
+    args: ["--model.policy.name_or_path=${{sft}}/model", "--data.init_args.path=${{collect}}/preferences.jsonl",
+           "--data.init_args.batch_size=8"]
+  - name: broken
+    recipe: {RECIPES}/dpo.yaml
+    args: ["--model.policy.name_or_path=${{sft}}/model", "--data.init_args.path=${{collect}}/missing.jsonl"]
+evaluation:
+  reference: "${{sft}}/model"
+  reward: null
+  every: 2
+  num_prompts: 8
+  max_new_tokens: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory) -> Path:
+    """The 2-seed smoke study through the local process pool (2 workers × 1 thread)."""
+    root = tmp_path_factory.mktemp("study")
+    (root / "study.yaml").write_text(SMOKE)
+    overrides = [*TINY_MODEL, *QUIET, "--trainer.max_steps=4"]
+    run_cli(["study", "--config", root / "study.yaml", "--run_dir", root / "run", "--executor=local", "--workers=2",
+             "--wandb=false", f"--set={json.dumps(overrides)}"])
+    return root
+
+
+def test_smoke_study_local(smoke_study):
+    study = json.loads((smoke_study / "run" / "study.json").read_text())
+    methods = study["methods"]
+    assert methods["sft"]["n_seeds"] == 2 and methods["dpo"]["n_seeds"] == 2
+    assert methods["sft"]["kl_mean"] == 0.0                    # the reference itself
+    assert methods["broken"]["n_seeds"] == 0 and methods["broken"]["failed_seeds"] == [0, 1]
+    errors = [c["error"] for c in study["cells"] if c["status"] != "ok"]
+    assert len(errors) == 2 and all("missing.jsonl" in e for e in errors)
+    dpo = [c for c in study["cells"] if c["method"] == "dpo"]
+    assert [p["step"] for p in dpo[0]["trajectory"]] == [0, 2, 4]
+    # step 0 of DPO is the SFT policy: the same samples as the `sft` method of that seed
+    sft = {c["seed"]: c for c in study["cells"] if c["method"] == "sft"}
+    for c in dpo:
+        assert c["trajectory"][0]["gold"] == pytest.approx(sft[c["seed"]]["final"]["gold"], abs=1e-6)
+    # the two seeds are two different upstreams: different SFT policies, different gold
+    assert sft[0]["final"]["gold"] != sft[1]["final"]["gold"]
+    assert "sft - dpo" in study["pairs"] and study["pairs"]["sft - dpo"]["n"] == 2
+    for file in ("report.md", "gold_vs_sqrt_kl.png", "final_gold.png", "proxy_vs_gold.png"):
+        assert (smoke_study / "run" / file).is_file()
+
+
+def test_smoke_study_resumes_on_ray(smoke_study, capsys):
+    """Finished cells are skipped on a re-run; the cells removed since run again, here as Ray tasks on a 2-CPU
+    local Ray instance, and give the same numbers as the process pool did."""
+    pytest.importorskip("ray")
+    run = smoke_study / "run"
+    before = json.loads((run / "study.json").read_text())
+    shutil.rmtree(run / "seed-1" / "dpo")
+    overrides = [*TINY_MODEL, *QUIET, "--trainer.max_steps=4"]
+    run_cli(["study", "--config", smoke_study / "study.yaml", "--run_dir", run, "--executor=ray", "--workers=2",
+             "--wandb=false", "--only=[dpo]", f"--set={json.dumps(overrides)}"])
+    out = capsys.readouterr().out
+    assert "dpo seed 0: already finished, skipped" in out and "dpo seed 1: done" in out
+    after = json.loads((run / "study.json").read_text())
+    old = {c["seed"]: c for c in before["cells"] if c["method"] == "dpo"}
+    new = {c["seed"]: c for c in after["cells"] if c["method"] == "dpo"}
+    assert new[1]["trajectory"] == old[1]["trajectory"]       # bit-identical on another executor
+    assert after["methods"]["sft"]["n_seeds"] == 2             # cells of methods not re-run still count
+
+
+def test_claims_are_judged_by_their_intervals():
+    from alignkit.study_report import evaluate_claims
+
+    # over-optimisation: gold 0.3 → 0.6 (peak, step 10) → 0.4 while the proxy climbs 0 → 1 → 2, on 3 seeds
+    runs = [{**cell("x", s, [(0.0, 0.3), (1.0, 0.6 + 0.01 * s), (2.0, 0.4)]), "trajectory": [
+        {"step": 10 * i, "kl": float(i), "gold": g, "proxy": float(i) + 0.1 * s, "win_rate": 0.5}
+        for i, g in enumerate([0.3, 0.6 + 0.01 * s, 0.4 - 0.01 * s])]} for s in range(3)]
+    cells = CELLS[:6] + runs
+    agg = aggregate(cells, ["a", "b", "x"], [1.0])
+    claims = evaluate_claims([
+        {"name": "b beats a", "kind": "greater", "a": "b", "b": "a"},
+        {"name": "x over-optimises", "kind": "overoptimisation", "a": "x", "b": None},
+        {"name": "a follows best-of-n", "kind": "best_of_n_fit", "a": "a", "b": None},
+    ], cells, agg)
+    assert [c["supported"] for c in claims] == [False, True, False]
+    assert claims[0]["evidence"].startswith("gold b − a = -0.100")       # the a − b entry, negated
+    # seeds drop from their peak by (0.6 + 0.01·s) − (0.4 − 0.01·s) = 0.2 + 0.02·s (0.20, 0.22, 0.24: mean 0.22);
+    # the proxy rises by 1 on each
+    assert "gold falls by 0.220 [0.200, 0.240]" in claims[1]["evidence"] and "rises by 1.000 [1.000, 1.000]" in claims[1]["evidence"]
+    assert "rl: R = d(α − β log d)" in claims[2]["evidence"]             # a trained method: not the best-of-n form
