@@ -59,7 +59,8 @@ class GoldEval(L.Callback):
     several optimiser steps: the first step past each multiple counts), and at the last step if that was
     not evaluated already. Each one samples one response per prompt from the policy with a fresh generator
     seeded with ``seed`` (so identical policies give identical samples), scores it, logs ``eval/*`` metrics
-    at ``step=trainer.global_step`` on every logger and appends ``{"step", "eval/...", "time_s"}`` to
+    at ``step=trainer.global_step`` on every logger and appends ``{"step", "eval/...", "time_s"}`` (the
+    evaluation's seconds; the first row also counts sampling the reference's responses) to
     ``<trainer.default_root_dir>/gold_eval.jsonl`` (global rank 0). Every rank samples (sharded models need
     all ranks); the global, numpy, python and plugin-owned random states are restored afterwards, the
     policy's train/eval modes too, and nothing is differentiated, so training is unchanged bit for bit.
@@ -114,6 +115,7 @@ class GoldEval(L.Callback):
         self.resumed_step: int | None = None
         self._reference: nn.Module | None = None  # the module's frozen reference, or our copy of the initial policy
         self._reference_gold: list[float] | None = None
+        self._unbooked_s = 0.0  # time spent sampling the reference's responses, not yet in a row's time_s
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -152,11 +154,13 @@ class GoldEval(L.Callback):
             self._reference.to(pl_module.device)
         if self.resumed_step is not None and trainer.is_global_zero:
             self._relog_resumed_row(trainer)
+        started = time.perf_counter()
         with self._isolated(trainer, pl_module), self.reference_model(pl_module) as reference:
             rollouts = sample_responses(reference, pl_module.tokenizer, self.prompts, self.sampling, self.batch_size,
                                         self.seed)
             responses = [r for ro in rollouts for r in ro.responses]
             self._reference_gold = self.task.gold_rewards(self.prompts, responses)
+        self._unbooked_s = time.perf_counter() - started  # counted in the next row's time_s
         if self._due(trainer.global_step):
             self.evaluate(trainer, pl_module)
 
@@ -228,7 +232,9 @@ class GoldEval(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
                 logger.save()
-            _append(self.path(trainer), {"step": step, **metrics, "time_s": round(time.perf_counter() - started, 4)})
+            elapsed = time.perf_counter() - started + self._unbooked_s
+            _append(self.path(trainer), {"step": step, **metrics, "time_s": round(elapsed, 4)})
+        self._unbooked_s = 0.0
         return metrics
 
     def _relog_resumed_row(self, trainer: L.Trainer) -> None:

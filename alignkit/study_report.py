@@ -261,8 +261,7 @@ def markdown(study: dict[str, Any]) -> str:
         lines += ["", "## Failed cells", ""]
         lines += _table(["cell", "error"], [[f"{c['method']} seed {c['seed']}", c.get("error", "").replace("|", "/")]
                                             for c in failed])
-    timing = [c for c in study["cells"] if c["status"] == "ok" and c.get("kind") == "method"
-              and len(c.get("trajectory", [])) > 1]
+    timing = [c for c in study["cells"] if c["status"] == "ok" and c.get("training")]  # the trained cells
     if timing:
         share = sum(c.get("eval_time_s", 0.0) for c in timing) / max(sum(c["wall_time_s"] for c in timing), 1e-9)
         lines += ["", f"In-training evaluation took {share:.1%} of the trained cells' wall time."]

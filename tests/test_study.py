@@ -224,3 +224,14 @@ def test_claims_are_judged_by_their_intervals():
     # the proxy rises by 1 on each
     assert "gold falls by 0.220 [0.200, 0.240]" in claims[1]["evidence"] and "rises by 1.000 [1.000, 1.000]" in claims[1]["evidence"]
     assert "rl: R = d(α − β log d)" in claims[2]["evidence"]             # a trained method: not the best-of-n form
+
+
+def test_study_summary_is_one_offline_wandb_run(tmp_path):
+    from alignkit.study_report import write_report
+
+    header = {"name": "grid", "command": None, "date": "today", "machine": "m", "wall_time_s": 1.0,
+              "executor": "inline", "workers": 1, "threads_per_worker": 1, "seeds": [0, 1, 2],
+              "methods": ["a", "b"], "config": {"methods": []}}
+    write_report(tmp_path, header, CELLS[:6], [1.0], wandb=True)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
