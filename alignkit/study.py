@@ -25,6 +25,7 @@ and ``log.txt``, the cell's output), then ``study.json``, ``report.md`` and the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,28 @@ class Method:
     """For a method without a recipe: the policy to evaluate, e.g. ``${sft}/model``."""
     best_of_n: list[int] = field(default_factory=list)
     """With ``policy``: evaluate best-of-n under the proxy reward for each n instead of the policy's own samples."""
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    """A recipe option (dotted key) → values: one method per value (per combination of several keys), named
+    ``<name>.<last part of the key><value>``, e.g. ``{model.algorithm.init_args.beta: [0.05, 0.1]}`` gives
+    ``dpo.beta0.05`` and ``dpo.beta0.1``."""
+
+
+def expand_sweeps(methods: list[Method]) -> list[Method]:
+    """Each method with a ``sweep`` replaced by one method per combination of its values (the override is
+    appended to its ``args``, so it wins over the recipe and the other args)."""
+    out = []
+    for method in methods:
+        if not method.sweep:
+            out.append(method)
+            continue
+        if method.recipe is None:
+            raise DataError(f"study: method {method.name!r}: sweep needs a recipe (it overrides recipe options)")
+        keys = list(method.sweep)
+        for values in itertools.product(*(method.sweep[k] for k in keys)):
+            suffix = ".".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, values))
+            args = [*method.args, *(f"--{k.removeprefix('--')}={v}" for k, v in zip(keys, values))]
+            out.append(replace(method, name=f"{method.name}.{suffix}", args=args, sweep={}))
+    return out
 
 
 @dataclass
@@ -417,7 +440,8 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
     ``report.md`` and the PNGs to ``run_dir`` (and one wandb run of job type ``study`` with ``wandb``).
 
     Args:
-        methods: the methods (a fit recipe plus overrides, or a policy evaluated as it is, or best-of-n).
+        methods: the methods (a fit recipe plus overrides, or a policy evaluated as it is, or best-of-n); a
+            method's ``sweep`` expands it into one method per value.
         seeds: one cell per seed and method; each seed drives all randomness of its cells.
         upstream: the stages shared by the methods of one seed (SFT, collect, reward model, ...).
         evaluation: the yardstick: task, prompts, sampling seed, reference and proxy reward.
@@ -437,6 +461,7 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
     from alignkit.study_report import write_report
 
     upstream = list(upstream or [])
+    methods = expand_sweeps(methods)
     base = Path(base_dir)
     _check(methods, seeds, upstream, evaluation, base, only)
     names = [m.name for m in methods]
@@ -560,4 +585,4 @@ def _print_record(record: dict[str, Any]) -> None:
     print(f"[study] {where}: done in {record['wall_time_s']:.0f} s{result}")
 
 
-__all__ = ["CellSpec", "Claim", "Method", "StudyEvaluation", "run_cell", "study"]
+__all__ = ["CellSpec", "Claim", "Method", "expand_sweeps", "StudyEvaluation", "run_cell", "study"]

@@ -235,3 +235,16 @@ def test_study_summary_is_one_offline_wandb_run(tmp_path):
     write_report(tmp_path, header, CELLS[:6], [1.0], wandb=True)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_a_sweep_expands_into_one_method_per_value():
+    from alignkit.study import Method, expand_sweeps
+
+    dpo = Method("dpo", recipe="dpo.yaml", args=["--x=1"],
+                 sweep={"model.algorithm.init_args.beta": [0.05, 0.1], "--data.init_args.batch_size": [8]})
+    names = [(m.name, m.args) for m in expand_sweeps([dpo, Method("sft", policy="p")])]
+    assert names == [
+        ("dpo.beta0.05.batch_size8", ["--x=1", "--model.algorithm.init_args.beta=0.05", "--data.init_args.batch_size=8"]),
+        ("dpo.beta0.1.batch_size8", ["--x=1", "--model.algorithm.init_args.beta=0.1", "--data.init_args.batch_size=8"]),
+        ("sft", []),
+    ]
