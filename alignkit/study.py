@@ -268,7 +268,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     Never raises: a failure is returned as ``{"status": "failed", "error": ...}`` (the traceback goes to the
     cell's ``log.txt``), so one crashing cell does not stop the study."""
     out = Path(spec.run_dir)
-    record: dict[str, Any] = {"kind": spec.kind, "method": spec.name, "seed": spec.seed, "run_dir": str(out)}
+    record: dict[str, Any] = {"kind": spec.kind, "method": spec.name, "seed": spec.seed, "run_dir": str(out),
+                              "config": cell_config(spec)}
     started = time.perf_counter()
     try:
         import torch
@@ -301,6 +302,27 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     if record["status"] == "ok":
         atomic_write_json(out / CELL_FILE, record)
     return record
+
+
+def cell_config(spec: CellSpec) -> dict[str, Any]:
+    """What decides a cell's result besides its seed: recorded in ``cell.json`` and compared on a re-run."""
+    return {"method": spec.method, "evaluation": spec.evaluation, "upstream": spec.upstream,
+            "fit_args": [a for a in spec.fit_args if not a.startswith(("--wandb=", "--experiment="))]}
+
+
+def changed_cells(specs: list[CellSpec]) -> list[str]:
+    """The finished cells among ``specs`` whose recorded configuration differs from theirs, each as
+    ``<method> seed <s> (<changed keys>)``."""
+    changed = []
+    for spec in specs:
+        done = read_cell(Path(spec.run_dir))
+        if done is None or "config" not in done:
+            continue
+        old, new = done["config"], json.loads(json.dumps(cell_config(spec)))
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if keys:
+            changed.append(f"{spec.name} seed {spec.seed} ({', '.join(keys)})")
+    return changed
 
 
 def read_cell(run_dir: Path) -> dict[str, Any] | None:
@@ -436,7 +458,8 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
     Per seed the ``upstream`` stages run once (as ``alignkit pipeline --seed <seed>``) and every method of
     that seed reads their outputs (``${stage}`` in its args), so methods are compared paired. Trained methods
     carry the ``GoldEval`` callback (a gold-vs-KL trajectory per run); the others are evaluated once. Finished
-    cells are skipped on a re-run; a failed cell is reported and the others go on. Writes ``study.json``,
+    cells are skipped on a re-run (which refuses, before anything runs, a run directory whose finished cells
+    were run with another configuration); a failed cell is reported and the others go on. Writes ``study.json``,
     ``report.md`` and the PNGs to ``run_dir`` (and one wandb run of job type ``study`` with ``wandb``).
 
     Args:
@@ -488,6 +511,11 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
                         method=asdict(method), evaluation=asdict(evaluation), fit_args=fit_args,
                         threads=threads_per_worker)
 
+    changed = changed_cells([method_spec(m, seed) for m in chosen for seed in seeds])
+    if changed:
+        raise DataError(f"study: {len(changed)} finished cells in {root} were run with another configuration: "
+                        f"{'; '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}; choose another --run_dir "
+                        f"(nothing was changed)")
     records: dict[tuple[str, int], dict[str, Any]] = {}
     pending: dict[Future, CellSpec] = {}
     started = time.perf_counter()

@@ -248,3 +248,23 @@ def test_a_sweep_expands_into_one_method_per_value():
         ("dpo.beta0.1.batch_size8", ["--x=1", "--model.algorithm.init_args.beta=0.1", "--data.init_args.batch_size=8"]),
         ("sft", []),
     ]
+
+
+def test_a_rerun_with_another_configuration_is_refused(tmp_path):
+    """A finished cell is reused on a re-run only if the study still describes it the same way."""
+    from dataclasses import asdict
+
+    from alignkit.run import atomic_write_json
+    from alignkit.study import CellSpec, Method, StudyEvaluation, cell_config, changed_cells
+
+    def spec(args: list[str]) -> CellSpec:
+        return CellSpec("method", 0, "dpo", str(tmp_path / "seed-0" / "dpo"), ".", {"sft": "x"},
+                        method=asdict(Method("dpo", recipe="dpo.yaml", args=args)),
+                        evaluation=asdict(StudyEvaluation()), fit_args=["--trainer.max_steps=4", "--wandb=true"])
+
+    atomic_write_json(tmp_path / "seed-0" / "dpo" / "cell.json", {"status": "ok", "config": cell_config(spec(["--a=1"]))})
+    assert changed_cells([spec(["--a=1"])]) == []
+    assert changed_cells([spec(["--a=2"])]) == ["dpo seed 0 (method)"]
+    same_but_wandb = spec(["--a=1"])
+    same_but_wandb.fit_args = ["--trainer.max_steps=4", "--wandb=false"]  # logging does not change results
+    assert changed_cells([same_but_wandb]) == []

@@ -257,7 +257,7 @@ class DPO(Algorithm):
         meta = self.cache_meta(module, loaders)
         path = self.cache_path(module)
         if self._cache is None or self._cache["meta"] != meta:  # nothing (or a stale table) from a checkpoint
-            self._cache = torch.load(path, map_location="cpu") if path.is_file() else None
+            self._cache = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
             if self._cache is not None and self._cache.get("meta") != meta:
                 module.print(f"dpo: {path} was computed for other data or another policy; recomputing it")
                 self._cache = None
