@@ -34,7 +34,8 @@ def section(study: dict) -> str:
              "95 % bootstrap CIs over seeds; methods share each seed's SFT model, labelled pairs and reward model:", "",
              "| method | seeds | gold reward [95% CI] | KL from SFT (nats) [95% CI] | gold win rate vs SFT |",
              "|---|---:|---:|---:|---:|"]
-    for name, m in study["methods"].items():
+    for name in head["methods"]:  # the study's order (study.json's keys are sorted)
+        m = study["methods"][name]
         if not m["n_seeds"]:
             lines.append(f"| {name} | 0 | - | - | - |")
             continue
@@ -44,7 +45,8 @@ def section(study: dict) -> str:
     if study["pairs"]:
         lines += ["", "| paired difference of gold (A − B) | seeds | difference [95% CI] | P(A > B) [95% CI] |",
                   "|---|---:|---:|---:|"]
-        for pair, p in study["pairs"].items():
+        order = {name: i for i, name in enumerate(head["methods"])}
+        for pair, p in sorted(study["pairs"].items(), key=lambda kv: (order[kv[1]["a"]], order[kv[1]["b"]])):
             lines.append(f"| {pair.replace(' - ', ' − ')} | {p['n']} | {ci(p['difference'], p['ci_low'], p['ci_high'])} | "
                          f"{ci(p['probability_of_improvement'], p['poi_ci_low'], p['poi_ci_high'], '.2f')} |")
     lines += ["", f"(best-of-n: at its largest n; made by `python docs/gen_results.py <run_dir>/study.json`)", "", END]

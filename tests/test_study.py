@@ -268,3 +268,20 @@ def test_a_rerun_with_another_configuration_is_refused(tmp_path):
     same_but_wandb = spec(["--a=1"])
     same_but_wandb.fit_args = ["--trainer.max_steps=4", "--wandb=false"]  # logging does not change results
     assert changed_cells([same_but_wandb]) == []
+
+
+@pytest.mark.parametrize("recipe", ["study.yaml", "claims.yaml"])
+def test_shipped_study_recipes_parse_and_pass_the_checks(recipe):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from alignkit.study import _check, expand_sweeps, study
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(study, as_group=False)
+    init = parser.instantiate_classes(parser.parse_args(["--config", str(RECIPES / recipe)]))
+    methods = expand_sweeps(init.methods)
+    _check(methods, init.seeds, init.upstream, init.evaluation, RECIPES, None)
+    assert len(init.seeds) >= 5 and {"ppo", "dpo", "best_of_n", "sft"} <= {m.name for m in methods}
+    names = {m.name for m in methods}
+    assert all(c.a in names and (c.b is None or c.b in names) for c in init.claims)
