@@ -281,8 +281,11 @@ def _figure(width: float = 6.4, height: float = 4.6):
 
 
 def _grid(cells: list[dict[str, Any]], points: int = 24) -> list[float]:
+    """KL values from the highest starting KL of the runs (≈ 0, the estimate's noise around it) to the highest KL
+    reached: every run has a value at the first one, so the curve's start averages all the seeds."""
+    start = max((c["trajectory"][0]["kl"] for c in cells), default=0.0)
     top = max((p["kl"] for c in cells for p in c["trajectory"]), default=0.0)
-    return [top * i / (points - 1) for i in range(points)] if top > 0 else [0.0]
+    return [start + (top - start) * i / (points - 1) for i in range(points)] if top > start else [start]
 
 
 def plot_gold_vs_kl(study: dict[str, Any], path: Path, attr: str = "gold") -> None:
@@ -312,7 +315,7 @@ def plot_gold_vs_kl(study: dict[str, Any], path: Path, attr: str = "gold") -> No
                                                    [kl])[0] for c in ok) if v is not None]
             if len(values) >= 2:
                 ci = stats.mean_ci(values, n_resamples=2000)
-                xs.append(math.sqrt(kl)), mean.append(ci.estimate), low.append(ci.low), high.append(ci.high)
+                xs.append(math.sqrt(max(kl, 0.0))), mean.append(ci.estimate), low.append(ci.low), high.append(ci.high)
         if xs:
             ax.plot(xs, mean, color=color, label=f"{name} (n={len(ok)})")
             ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
