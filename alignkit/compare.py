@@ -188,7 +188,8 @@ def training_table(runs: list[Run]) -> Table:
 EVAL_ROWS = [Row("run", "evaluation"), Row("reference", "reference policy"),
              Row("eval/gold_reward", "gold reward"), Row("eval/gold_reward_std", "gold reward std"),
              Row("eval/proxy_reward", "proxy reward"), Row("eval/kl", "KL (nats)"), Row("sqrt_kl", "√KL"),
-             Row("eval/win_rate", "gold win rate vs reference"), Row("eval/response_len", "response length"),
+             Row("eval/win_rate", "gold win rate vs reference"),
+             Row("eval/judge_win_rate", "judge win rate vs reference"), Row("eval/response_len", "response length"),
              Row("eval/distinct_2", "distinct-2"), Row("eval/best_of_n_gold", "best-of-n gold (proxy pick)")]
 
 

@@ -1,12 +1,15 @@
-"""``alignkit eval``: judge policies against a task's gold reward (simulated human feedback).
+"""``alignkit eval``: judge policies against a task's gold reward (simulated human feedback), or on your own
+prompts (``--prompts file.jsonl``) without one.
 
 Every policy samples one response per evaluation prompt with the same sampling settings and the same
 seed, and is reported on
 
-- the gold reward (mean and standard deviation over prompts): the quantity alignment should raise;
+- the gold reward (mean and standard deviation over prompts): the quantity alignment should raise (only
+  with a task: it provides the gold reward);
 - the proxy reward of a reward plugin (e.g. a trained reward model): what an optimiser actually saw;
 - KL(π‖π_ref) from the reference policy, estimated from the sampled tokens: the price paid;
-- the gold win rate against the reference policy's responses to the same prompts;
+- the gold win rate against the reference policy's responses to the same prompts (with a task), and the
+  win rate under a judge (any reward plugin scoring both responses to each prompt);
 - response length and distinct-1/2 (diversity), which expose length hacking and mode collapse;
 
 plus a best-of-n baseline: the reference policy samples n responses per prompt, the proxy picks one,
@@ -28,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.models.loading import ModelConfig, load_model
+from alignkit.data.formats import load_prompts
+from alignkit.models.loading import ModelConfig, context_length, load_model
 from alignkit.plugin import Reward
 from alignkit.rollout import SamplingConfig, response_logprobs, sample_texts
 from alignkit.run import METRICS_FILE, RunExistsError, atomic_write_json, default_run_dir
@@ -191,16 +195,17 @@ class EvalResult:
 
     name: str
     """The policy's name (a key of ``policies``)."""
-    gold_mean: float
-    """Mean gold reward of its responses."""
-    gold_std: float
-    """Standard deviation of the gold reward over prompts (divisor N)."""
+    gold_mean: float | None
+    """Mean gold reward of its responses (None without a task)."""
+    gold_std: float | None
+    """Standard deviation of the gold reward over prompts (divisor N; None without a task)."""
     proxy_mean: float | None
     """Mean score under the proxy reward plugin (None without one)."""
     kl_mean: float
     """Mean per-sequence estimate of KL(π‖π_ref) in nats (see :func:`sequence_kl`)."""
     win_rate: float | None
-    """Gold win rate against the reference policy's responses (None for the reference itself)."""
+    """Gold win rate against the reference policy's responses (None for the reference itself, or without a
+    task)."""
     response_len_mean: float
     """Mean response length in tokens (the stop token included)."""
     distinct_1: float
@@ -208,6 +213,9 @@ class EvalResult:
     best_of_n_gold: float | None
     """Mean gold reward of the proxy's best-of-n pick among the policy's samples (reference only)."""
     num_prompts: int
+    judge_win_rate: float | None = None
+    """Win rate against the reference policy's responses under the judge reward plugin (ties ½; None for the
+    reference itself, or without a judge)."""
 
     def metrics(self) -> dict[str, float]:
         """The logged metrics (``eval/*`` names); entries whose value is None are left out."""
@@ -221,6 +229,7 @@ class EvalResult:
             "eval/distinct_1": self.distinct_1,
             "eval/distinct_2": self.distinct_2,
             "eval/best_of_n_gold": self.best_of_n_gold,
+            "eval/judge_win_rate": self.judge_win_rate,
         }
         return {k: float(v) for k, v in values.items() if v is not None}
 
@@ -231,8 +240,8 @@ class Samples:
 
     responses: list[str]
     """The decoded responses, one per prompt, in prompt order."""
-    gold: list[float]
-    """The task's gold reward of each response."""
+    gold: list[float] | None
+    """The task's gold reward of each response (None without a task)."""
     proxy: list[float] | None
     """The proxy reward plugin's score of each response (None without a proxy)."""
     kl: list[float]
@@ -276,8 +285,8 @@ def sample_responses(model, tokenizer, prompts: list[str], sampling: SamplingCon
 
 
 @torch.no_grad()
-def score_samples(rollouts: list[Rollout], ref_model: torch.nn.Module | None, task: Task, reward: Reward | None,
-                  temperature: float) -> Samples:
+def score_samples(rollouts: list[Rollout], ref_model: torch.nn.Module | None, task: Task | None,
+                  reward: Reward | None, temperature: float) -> Samples:
     """Gold, proxy and the KL estimate of every sampled response.
 
     Args:
@@ -285,7 +294,7 @@ def score_samples(rollouts: list[Rollout], ref_model: torch.nn.Module | None, ta
         ref_model: the reference policy π_ref, run once over each rollout's sequences (in eval mode, its mode
             restored afterwards); None when the rollouts were sampled from the reference itself, whose KL
             estimate is then exactly 0 (log π_ref is the rollout's own log π) without a forward pass.
-        task: gold reward.
+        task: gold reward (None: no gold scores).
         reward: proxy reward plugin (None: no proxy scores).
         temperature: the sampling temperature, at which log π_ref is taken.
     """
@@ -309,8 +318,8 @@ def score_samples(rollouts: list[Rollout], ref_model: torch.nn.Module | None, ta
     finally:
         if ref_model is not None:
             ref_model.train(was_training)
-    return Samples(responses, task.gold_rewards(prompts, responses), proxy if reward is not None else None,
-                   kl, lengths)
+    gold = task.gold_rewards(prompts, responses) if task is not None else None
+    return Samples(responses, gold, proxy if reward is not None else None, kl, lengths)
 
 
 def best_of_n_curve(model, tokenizer, prompts: list[str], task: Task, reward: Reward, ns: list[int],
@@ -353,7 +362,7 @@ def best_of_n_curve(model, tokenizer, prompts: list[str], task: Task, reward: Re
     repeated = [p for p in prompts for _ in range(largest)]
     samples = score_samples(sample_responses(model, tokenizer, repeated, sampling, batch_size, seed), None, task,
                             reward, sampling.temperature)
-    assert samples.proxy is not None
+    assert samples.proxy is not None and samples.gold is not None
     return best_of_n_means(samples.proxy, samples.gold, largest, ns)
 
 
@@ -389,14 +398,25 @@ def _format(value: float | None, spec: str) -> str:
 
 
 def _table(results: dict[str, EvalResult], reference: str) -> str:
+    """One row per policy: gold and gold win rate (with a task), proxy, KL, judge win rate (with a judge), length,
+    distinct-2."""
     width = max(len("policy"), *(len(n) + (4 if n == reference else 0) for n in results))
-    lines = [f"{'policy':<{width}}  {'gold':>15}  {'proxy':>8}  {'KL':>8}  {'win rate':>8}  {'length':>7}"]
+    gold = any(r.gold_mean is not None for r in results.values())
+    judged = any(r.judge_win_rate is not None for r in results.values())
+    columns: list[tuple[str, int, Any]] = [  # (header, width, cell of a result)
+        *([("gold", 15, lambda r: f"{r.gold_mean:.3f} ± {r.gold_std:.3f}")] if gold else []),
+        ("proxy", 8, lambda r: _format(r.proxy_mean, ".3f")),
+        ("KL", 8, lambda r: f"{r.kl_mean:.3f}"),
+        *([("win rate", 8, lambda r: _format(r.win_rate, ".1%"))] if gold else []),
+        *([("judge win", 9, lambda r: _format(r.judge_win_rate, ".1%"))] if judged else []),
+        ("length", 7, lambda r: f"{r.response_len_mean:.1f}"),
+        ("distinct-2", 10, lambda r: f"{r.distinct_2:.3f}"),
+    ]
+    lines = [f"{'policy':<{width}}" + "".join(f"  {header:>{w}}" for header, w, _ in columns)]
     for name, r in results.items():
         label = f"{name} (*)" if name == reference else name
-        gold = f"{r.gold_mean:.3f} ± {r.gold_std:.3f}"
-        lines.append(f"{label:<{width}}  {gold:>15}  {_format(r.proxy_mean, '.3f'):>8}  {r.kl_mean:>8.3f}  "
-                     f"{_format(r.win_rate, '.1%'):>8}  {r.response_len_mean:>7.1f}")
-    lines.append("(*) reference: KL and win rate are measured against it")
+        lines.append(f"{label:<{width}}" + "".join(f"  {cell(r):>{w}}" for _, w, cell in columns))
+    lines.append("(*) reference: KL and win rates are measured against it")
     return "\n".join(lines)
 
 
@@ -426,36 +446,44 @@ def _log(out: Path, name: str, result: EvalResult, settings: dict[str, Any], use
 # ------------------------------------------------------------------------------------------ command
 
 
-def evaluate(policies: dict[str, str], task: Task, reference: str | None = None, reward: Reward | None = None,
+def evaluate(policies: dict[str, str], task: Task | None = None, prompts: str | None = None,
+             reference: str | None = None, reward: Reward | None = None, judge: Reward | None = None,
              sampling: SamplingConfig = SamplingConfig(max_new_tokens=24, temperature=1.0), best_of_n: int = 0,
              num_prompts: int | None = None, batch_size: int = 64, seed: int = 0, run_dir: str | None = None,
              wandb: bool = False) -> dict[str, EvalResult]:
-    """Evaluate policies on a task's evaluation prompts against its gold reward (simulated feedback).
+    """Evaluate policies on a task's evaluation prompts against its gold reward (simulated feedback), or on your
+    own prompts (``prompts``) with no task.
 
     Every policy samples one response per prompt with the same sampling settings and a generator
     seeded with ``seed`` (on the model's device: CUDA when available, else CPU), and is scored on:
-    gold reward (mean, std), the proxy ``reward`` (mean), KL(π‖π_ref) (mean over prompts of the sum
+    gold reward (mean, std; with a task), the proxy ``reward`` (mean), KL(π‖π_ref) (mean over prompts of the sum
     over response tokens of log π − log π_ref, both from one forward pass at ``sampling.temperature``:
     unbiased at temperature 1 without top-k / top-p; with another temperature it is the KL between the
-    tempered distributions), gold win rate against the reference policy's responses (ties ½), response
-    length in tokens, distinct-1/2. With ``best_of_n`` > 0 and a ``reward``, the reference also samples
-    n responses per prompt and the gold reward of the proxy's pick is reported. Writes ``metrics.json``
-    and per-policy CSV logs (``logs/<policy>/metrics.csv``) to the run directory, prints a table and
-    returns the results by policy name.
+    tempered distributions), gold win rate against the reference policy's responses (ties ½; with a task), win
+    rate under the ``judge`` (ties ½), response length in tokens, distinct-1/2. With ``best_of_n`` > 0, a
+    ``reward`` and a task, the reference also samples n responses per prompt and the gold reward of the proxy's
+    pick is reported. Writes ``metrics.json`` and per-policy CSV logs (``logs/<policy>/metrics.csv``) to the run
+    directory, prints a table and returns the results by policy name.
 
     Args:
         policies: name -> model directory (e.g. a stage's ``model/``) or HF name, evaluated in this order.
-        task: the task whose evaluation prompts and gold reward are used.
+        task: the task whose evaluation prompts and gold reward are used (None: give ``prompts``; no gold).
+        prompts: your own prompts instead of the task's: a ``.jsonl``/``.json`` file of rows with a ``prompt``
+            field or of plain strings (or a parquet file / data set with a ``prompt`` column). Prompts longer
+            than the reference model's context less ``sampling.max_new_tokens`` keep their last tokens (counted
+            in the output). With a task too, its gold reward scores the responses to these prompts.
         reference: the reference policy π_ref for KL and win rate: a name in ``policies``, or a model
             directory / HF name (evaluated too, as "reference", unless it is one of the policies' paths).
             Default: the first policy. Its tokenizer's vocabulary must be every policy's.
         reward: proxy reward plugin (any ``Reward`` subclass, e.g. a reward model) scored on every
             response; None skips the proxy metrics and best-of-n.
+        judge: a reward plugin that compares each policy's response with the reference's response to the same
+            prompt (the higher score wins, ties ½): ``eval/judge_win_rate``. None: no judge.
         sampling: sampling settings shared by all policies (the task's stop string is added if it has one).
             KL is an unbiased estimate only when sampling from the policy itself: temperature 1, no
             top-k / top-p, do_sample true (greedy decoding gives the log-ratio of the greedy response).
-        best_of_n: n of the best-of-n baseline on the reference under ``reward`` (0: off).
-        num_prompts: evaluate on the first this many evaluation prompts (None: all of them).
+        best_of_n: n of the best-of-n baseline on the reference under ``reward`` (0: off; needs a task).
+        num_prompts: evaluate on the first this many prompts (None: all of them).
         batch_size: prompts per generation batch.
         seed: seed of the sampling; the same for every policy, so identical policies give identical samples.
         run_dir: output folder (default: runs/eval/<timestamp>); must not hold a metrics.json already.
@@ -466,18 +494,24 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
         raise ValueError(f"best_of_n must be >= 0, got {best_of_n}")
     if best_of_n and reward is None:
         raise ValueError("best_of_n needs a proxy reward (--reward) to pick the best of the n samples")
+    if best_of_n and task is None:
+        raise ValueError("best_of_n needs a task (--task): its gold reward scores the best-of-n picks")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if task is None and prompts is None:
+        raise ValueError("give --task (its evaluation prompts and gold reward) or --prompts FILE (your own prompts)")
     policies, ref_name = _resolve_reference(policies, reference)
-    prompts = task.eval_prompts()
+    texts = load_prompts(prompts) if prompts is not None else task.eval_prompts()
+    origin = f"prompts from {prompts}" if prompts is not None else f"{task.name} prompts"
     if num_prompts is not None:
-        if not 1 <= num_prompts <= len(prompts):
-            raise ValueError(f"num_prompts must lie in [1, {len(prompts)}] (the task's evaluation prompts), "
-                             f"got {num_prompts}")
-        prompts = prompts[:num_prompts]
-    if not prompts:
+        if not 1 <= num_prompts <= len(texts):
+            where = f"the prompts of {prompts}" if prompts is not None else "the task's evaluation prompts"
+            raise ValueError(f"num_prompts must lie in [1, {len(texts)}] ({where}), got {num_prompts}")
+        texts = texts[:num_prompts]
+    if not texts:
         raise ValueError(f"task {task.name!r} has no evaluation prompts")
-    sampling = with_task_stop(sampling, task)
+    if task is not None:
+        sampling = with_task_stop(sampling, task)
 
     out = Path(run_dir) if run_dir else default_run_dir("eval")
     if (out / METRICS_FILE).exists():
@@ -485,21 +519,30 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
                              f"--run_dir (nothing was overwritten)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings: dict[str, Any] = {
-        "task": task.name, "task_seed": task.seed, "num_prompts": len(prompts), "reference": ref_name,
-        "policies": dict(policies), "reward": None if reward is None else f"{type(reward).__module__}."
-        f"{type(reward).__qualname__}", "sampling": asdict(sampling), "best_of_n": best_of_n,
+        "task": task.name if task is not None else None, "task_seed": task.seed if task is not None else None,
+        "prompts": prompts, "num_prompts": len(texts), "reference": ref_name,
+        "policies": dict(policies), "reward": _plugin_name(reward), "judge": _plugin_name(judge),
+        "sampling": asdict(sampling), "best_of_n": best_of_n,
         "best_of_n_kl": best_of_n_kl(best_of_n) if best_of_n else None, "batch_size": batch_size,
         "seed": seed, "device": str(device),
     }
-    if reward is not None:
-        reward.to(device).eval()
+    for plugin in (reward, judge):
+        if plugin is not None:
+            plugin.to(device).eval()
 
     def load(path: str):
         model, tokenizer = load_model(ModelConfig(name_or_path=path), "causal_lm")
         return model.to(device).eval(), tokenizer
 
     ref_model, ref_tokenizer = load(policies[ref_name])
+    if prompts is not None:
+        texts, cut = fit_prompts(texts, ref_tokenizer, context_length(ref_model), sampling.max_new_tokens)
+        settings["prompts_truncated"] = cut
+        if cut:
+            print(f"[eval] {cut} of {len(texts)} prompts are longer than the model's context less "
+                  f"{sampling.max_new_tokens} new tokens: they keep their last tokens")
     samples: dict[str, Samples] = {}
+    judged: dict[str, list[float]] = {}
     best_of_n_gold: float | None = None
     for name in [ref_name, *(n for n in policies if n != ref_name)]:  # the reference first: others need it
         if policies[name] == policies[ref_name]:
@@ -507,12 +550,14 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
         else:
             model, tokenizer = load(policies[name])
             _check_same_vocabulary(tokenizer, ref_tokenizer, name)
-        rollouts = sample_responses(model, tokenizer, prompts, sampling, batch_size, seed)
+        rollouts = sample_responses(model, tokenizer, texts, sampling, batch_size, seed)
         samples[name] = score_samples(rollouts, None if model is ref_model else ref_model, task, reward,
                                       sampling.temperature)
+        if judge is not None:
+            judged[name] = [score for ro in rollouts for score in _proxy_scores(judge, ro)]
         if name == ref_name and best_of_n:
-            assert reward is not None  # checked above
-            best_of_n_gold = best_of_n_curve(model, tokenizer, prompts, task, reward, [best_of_n], sampling,
+            assert reward is not None and task is not None  # checked above
+            best_of_n_gold = best_of_n_curve(model, tokenizer, texts, task, reward, [best_of_n], sampling,
                                              batch_size, seed)[best_of_n]
         del model, rollouts
         if device.type == "cuda":
@@ -520,14 +565,16 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
 
     results: dict[str, EvalResult] = {}
     for name in policies:  # in the caller's order
-        s = samples[name]
+        s, ref = samples[name], samples[ref_name]
         results[name] = EvalResult(
-            name=name, gold_mean=_mean(s.gold), gold_std=statistics.pstdev(s.gold),
+            name=name, gold_mean=_mean(s.gold) if s.gold is not None else None,
+            gold_std=statistics.pstdev(s.gold) if s.gold is not None else None,
             proxy_mean=_mean(s.proxy) if s.proxy is not None else None, kl_mean=_mean(s.kl),
-            win_rate=None if name == ref_name else win_rate(s.gold, samples[ref_name].gold),
+            win_rate=None if name == ref_name or s.gold is None or ref.gold is None else win_rate(s.gold, ref.gold),
             response_len_mean=_mean([float(n) for n in s.lengths]), distinct_1=distinct_n(s.responses, 1),
             distinct_2=distinct_n(s.responses, 2), best_of_n_gold=best_of_n_gold if name == ref_name else None,
-            num_prompts=len(prompts),
+            num_prompts=len(texts),
+            judge_win_rate=None if name == ref_name or judge is None else win_rate(judged[name], judged[ref_name]),
         )
 
     for name, result in results.items():
@@ -542,9 +589,37 @@ def evaluate(policies: dict[str, str], task: Task, reference: str | None = None,
               f"(KL ≤ {best_of_n_kl(best_of_n):.3f})")
     if len(results) > 1:
         print(ONE_SEED_NOTE)
-    print(f"[eval] {len(results)} policies on {len(prompts)} {task.name} prompts -> {out / METRICS_FILE}")
+    if task is None:
+        print("[eval] no task: no gold reward; give --task for gold and gold win rates")
+    print(f"[eval] {len(results)} policies on {len(texts)} {origin} -> {out / METRICS_FILE}")
     return results
 
 
+def _plugin_name(plugin: Reward | None) -> str | None:
+    return None if plugin is None else f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+
+
+def fit_prompts(prompts: list[str], tokenizer, context: int | None, max_new_tokens: int) -> tuple[list[str], int]:
+    """Prompts that fit the model's ``context`` with ``max_new_tokens`` to spare: a longer one keeps its last
+    tokens (decoded back to text, as :class:`alignkit.data.PromptData` truncates). Returns (prompts, how many
+    were cut); with no known context, the prompts unchanged."""
+    if context is None:
+        return list(prompts), 0
+    from alignkit.data.tokenize import encode_prompt
+
+    room = context - max_new_tokens
+    if room < 1:
+        raise ValueError(f"sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens")
+    out, cut = [], 0
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, False)
+        if len(ids) > room:
+            prompt, cut = tokenizer.decode(ids[-room:]), cut + 1
+        out.append(prompt)
+    return out, cut
+
+
 __all__ = ["EvalResult", "Samples", "best_of_n_curve", "best_of_n_kl", "best_of_n_means", "best_of_n_pick",
-           "distinct_n", "evaluate", "sample_responses", "score_samples", "sequence_kl", "win_rate", "with_task_stop"]
+           "distinct_n", "evaluate", "fit_prompts", "sample_responses", "score_samples", "sequence_kl", "win_rate",
+           "with_task_stop"]

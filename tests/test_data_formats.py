@@ -247,9 +247,15 @@ def test_preference_implicit_hh_style(tmp_path):
     assert (records[1].chosen, records[1].rejected) == (" Lovely.", " Bad.")
 
 
-def test_preference_implicit_identical_pair_is_an_error(tmp_path):
-    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant: ok"}]
+def test_preference_implicit_identical_pair_is_flagged(tmp_path):
+    """Identical dialogues are no error at the format level: the record says so (the data module drops it)."""
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant: ok "}]
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    (record,) = preference_records(load_rows(str(path)), "auto", str(path))
+    assert record.identical
+    # One answer the other's prefix is still an error naming the row.
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant: ok then"}]
+    path = write_jsonl(tmp_path / "prefix.jsonl", rows)
     with pytest.raises(DataError, match="row 0"):
         preference_records(load_rows(str(path)), "auto", str(path))
 
@@ -403,7 +409,8 @@ def test_truncate_keeps_the_end_of_the_prompt(tmp_path, tiny_tokenizer):
     assert prompt_ids == ids(tok, LONG_PROMPT)[-5:]
     assert response_ids == (ids(tok, LONG_ROWS[1]["response"]) + [tok.eos_token_id])[:4]
     assert data.stats.truncated == 1 and data.stats.dropped == 0 and data.stats.examples == 2
-    assert data.state_dict() == {"truncated": 1, "dropped": 0, "examples": 2}
+    state = data.state_dict()
+    assert {k: state[k] for k in ("truncated", "dropped", "examples")} == {"truncated": 1, "dropped": 0, "examples": 2}
 
 
 def test_drop_leaves_long_examples_out(tmp_path, tiny_tokenizer):
@@ -422,7 +429,7 @@ def test_error_names_the_row(tmp_path, tiny_tokenizer):
 
 def test_preference_truncation_cuts_both_answers(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
-    rows = [{"prompt": LONG_PROMPT, "chosen": "the pizza was great and fresh", "rejected": "the pizza was cold"}]
+    rows = [{"prompt": LONG_PROMPT, "chosen": "great pizza and fresh soup", "rejected": "cold pizza"}]
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
     data = make(PreferenceData, tok, path=str(path), max_prompt_length=4, max_length=7)
     (example,) = data.train_set

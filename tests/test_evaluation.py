@@ -269,3 +269,81 @@ def test_evaluate_argument_errors(tiny_models, tmp_path):
         evaluate({"sft": base}, task, num_prompts=9, run_dir=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="empty"):
         evaluate({}, task, run_dir=str(tmp_path / "c"))
+
+
+# ----------------------------------------------------------------------------- your own prompts, no task
+
+PROMPTS = ["Write a haiku about the sea.", "What's 2 + 2?", "Name three #hashtags you'd use.", "Hello!"]
+
+
+def test_load_prompts_reads_rows_or_plain_strings(tmp_path):
+    from alignkit.data.formats import DataError, load_prompts
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
+    strings = tmp_path / "strings.jsonl"
+    strings.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(PROMPTS))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + "".join(json.dumps(p) + "\n" for p in PROMPTS[1:]))
+    assert load_prompts(str(rows)) == load_prompts(str(strings)) == load_prompts(str(listed)) == PROMPTS
+    assert load_prompts(str(mixed)) == PROMPTS
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": ["a", "list"]}) + "\n")
+    with pytest.raises(DataError, match=r"prompts '.*bad\.jsonl' row 2: 'prompt' must be non-empty text, got a list"):
+        load_prompts(str(bad))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"question": "hi"}) + "\n")
+    with pytest.raises(DataError, match=r"no 'prompt' field; found question"):
+        load_prompts(str(other))
+
+
+def test_evaluate_own_prompts_without_a_task(tiny_models, tmp_path, capsys):
+    """No task: no gold, no gold win rate; proxy, KL, length, distinct-n and the judge's win rate. An identical
+    policy ties the reference on every prompt under any judge: judge win rate exactly 0.5."""
+    base, perturbed = tiny_models
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    results = evaluate({"sft": base, "noisy": perturbed, "copy": base}, prompts=str(path), reward=CountWords(),
+                       judge=CountWords(name="judge"), sampling=SamplingConfig(max_new_tokens=6), batch_size=4,
+                       run_dir=str(tmp_path / "eval"))
+    sft, noisy, copy = results["sft"], results["noisy"], results["copy"]
+    assert sft.gold_mean is None and sft.gold_std is None and noisy.win_rate is None
+    assert sft.kl_mean == 0.0 and sft.judge_win_rate is None and copy.judge_win_rate == 0.5
+    assert 0.0 <= noisy.judge_win_rate <= 1.0 and noisy.kl_mean != 0.0 and noisy.proxy_mean is not None
+    assert all(r.num_prompts == 4 and 1 <= r.response_len_mean <= 6 for r in results.values())
+    data = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert data["settings"]["task"] is None and data["settings"]["prompts"] == str(path)
+    assert data["settings"]["judge"].endswith("CountWords") and data["settings"]["prompts_truncated"] == 0
+    assert set(data["policies"]["noisy"]["metrics"]) == {"eval/proxy_reward", "eval/kl", "eval/judge_win_rate",
+                                                         "eval/response_len", "eval/distinct_1", "eval/distinct_2"}
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["policy", "proxy", "KL", "judge", "win", "length", "distinct-2"]  # no gold columns
+    assert "[eval] no task: no gold reward" in out and f"3 policies on 4 prompts from {path}" in out
+
+
+def test_evaluate_own_prompts_through_the_cli(tiny_models, tmp_path, monkeypatch):
+    """`alignkit eval --prompts FILE` with plain-string rows, a judge given by class path, and a prompt longer
+    than the tiny model's context (256 positions) less the new tokens: it keeps its last 256 - 4 tokens."""
+    base, perturbed = tiny_models
+    monkeypatch.setitem(commands.COMMANDS, "eval", evaluate)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps("review : the pizza " * 100) + "\n" + json.dumps("Hello!") + "\n")
+    judge = {"class_path": f"{CountWords.__module__}.CountWords", "init_args": {"word": "the"}}
+    results = commands.run("eval", ["--policies", json.dumps({"sft": base, "noisy": perturbed}), "--prompts", str(path),
+                                    "--judge", json.dumps(judge), "--sampling.max_new_tokens", "4",
+                                    "--run_dir", str(tmp_path / "cli")])
+    assert results["noisy"].judge_win_rate is not None and results["sft"].proxy_mean is None
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["settings"]["prompts_truncated"] == 1
+
+
+def test_evaluate_needs_a_task_or_prompts(tiny_models, tmp_path):
+    base, _ = tiny_models
+    with pytest.raises(ValueError, match=r"give --task .* or --prompts FILE"):
+        evaluate({"sft": base}, run_dir=str(tmp_path / "a"))
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps("hi") + "\n")
+    with pytest.raises(ValueError, match="best_of_n needs a task"):
+        evaluate({"sft": base}, prompts=str(path), reward=CountWords(), best_of_n=2, run_dir=str(tmp_path / "b"))

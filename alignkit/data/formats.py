@@ -5,6 +5,7 @@ SFT formats: ``prompt_response`` (``prompt``, ``response``), ``alpaca`` (``instr
 Preference formats: ``explicit`` (``prompt``, ``chosen``, ``rejected`` strings), ``implicit`` (HH-RLHF
 style: ``chosen`` and ``rejected`` full dialogues, the prompt being their shared prefix),
 ``conversational`` (``chosen``/``rejected`` lists of messages, with an optional ``prompt`` list).
+Pairs whose two answers are the same text are returned with ``identical`` true (the data module drops them).
 An optional ``margin`` column feeds the reward model's margin term, and an optional ``soft_label`` column
 (the probability that ``chosen`` is preferred, e.g. an AI judge's normalised option probability) makes the
 reward model train on soft targets.
@@ -54,6 +55,12 @@ class PreferenceRecord:
     margin: float = 0.0
     soft_label: float = 1.0  # P(chosen ≻ rejected) as a training target; 1 for a hard label
 
+    @property
+    def identical(self) -> bool:
+        """Whether both answers are the same text (up to surrounding whitespace): a pair with no preference in
+        it, which the data module drops (or refuses, with ``strict``)."""
+        return self.chosen.strip() == self.rejected.strip()
+
 
 def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` folder, or an HF data set name.
@@ -82,21 +89,22 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     return ds.to_list()
 
 
-def read_json_rows(path: str) -> list[dict[str, Any]]:
+def read_json_rows(path: str, strings: bool = False) -> list[dict[str, Any]]:
     """Rows of a JSON Lines file (one object per line; blank lines skipped) or of a JSON document (a list of
     objects; a list of other values becomes a ``text`` column; one object is one row), whatever the suffix,
     as ``datasets``' json loader reads them: every row gets every column (``None`` where a row has none, in
     the order the columns first appear) and a column mixing integers and floats holds floats. Bad JSON is a
-    :class:`DataError` naming the file and the line."""
+    :class:`DataError` naming the file and the line. With ``strings``, a JSON Lines line may also be a string
+    (a row of one ``text`` column, as in a JSON list of strings)."""
     with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is skipped
         text = f.read()
-    rows = _document_rows(path, text) if text.lstrip().startswith("[") else _line_rows(path, text)
+    rows = _document_rows(path, text) if text.lstrip().startswith("[") else _line_rows(path, text, strings)
     if not any(rows):
         raise DataError(f"data {path!r} could not be read: no data")
     return _unify_columns(rows)
 
 
-def _line_rows(path: str, text: str) -> list[dict[str, Any]]:
+def _line_rows(path: str, text: str, strings: bool = False) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
         if not line.strip():
@@ -108,6 +116,8 @@ def _line_rows(path: str, text: str) -> list[dict[str, Any]]:
                 return _document_rows(path, text)
             raise DataError(f"data {path!r} could not be read: line {number}: invalid JSON "
                             f"({exc.msg}, column {exc.colno})") from None
+        if strings and isinstance(value, str):
+            value = {"text": value}
         if not isinstance(value, dict):
             raise DataError(f"data {path!r} could not be read: line {number}: expected a JSON object, "
                             f"got {type(value).__name__}")
@@ -150,6 +160,29 @@ def _float_column(values: list[Any]) -> bool:
         return False
     ints = [v for v in numbers if isinstance(v, int)]
     return bool(ints) and (len(ints) < len(numbers) or any(not -2**63 <= v < 2**63 for v in ints))
+
+
+def load_prompts(path: str, column: str = "prompt") -> list[str]:
+    """Prompts from a file or data set: rows with a ``column`` field, or plain strings (JSON Lines of strings, a
+    JSON list of strings, or rows with a ``text`` column only). Each prompt must be non-empty text; a one-line
+    :class:`DataError` names the file and the row (counted from 1) otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix in {".jsonl", ".json"} and os.path.exists(path):
+        rows = read_json_rows(path, strings=True)
+    else:
+        rows = load_rows(path)
+    columns = set(rows[0]) if rows else set()
+    if column not in columns and "text" not in columns:
+        raise DataError(f"prompts {path!r}: no {column!r} field; found {', '.join(sorted(columns))} (give rows with "
+                        f"a {column!r} field, or plain strings)")
+    prompts = []
+    for number, row in enumerate(rows, 1):
+        value = row.get(column) if row.get(column) is not None else row.get("text")  # a plain string's row: text
+        if not isinstance(value, str) or not value.strip():
+            shown = "empty text" if isinstance(value, str) else "nothing" if value is None else f"a {type(value).__name__}"
+            raise DataError(f"prompts {path!r} row {number}: {column!r} must be non-empty text, got {shown}")
+        prompts.append(value)
+    return prompts
 
 
 def detect_format(rows: list[dict[str, Any]], table: dict[str, tuple[str, ...]], source: str) -> str:
@@ -237,12 +270,16 @@ def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source
             chosen, rejected = _text(row, "chosen", source, i), _text(row, "rejected", source, i)
         elif fmt == "implicit":
             full_c, full_r = _text(row, "chosen", source, i), _text(row, "rejected", source, i)
+            if full_c.strip() == full_r.strip():  # one dialogue twice: no answer to tell apart
+                records.append(PreferenceRecord(full_c.strip(), "", "", margin, soft_label))
+                continue
             prompt = implicit_prompt(full_c, full_r)
             chosen, rejected = full_c[len(prompt):], full_r[len(prompt):]
             if not prompt.strip():
                 raise DataError(f"{source} row {i}: 'chosen' and 'rejected' share no prompt prefix")
             if not chosen.strip() or not rejected.strip():
-                raise DataError(f"{source} row {i}: 'chosen' and 'rejected' are identical after their shared prompt")
+                raise DataError(f"{source} row {i}: one of 'chosen' and 'rejected' is the other plus more text; "
+                                f"the prompt they share leaves an empty answer")
         else:
             chat_c = _conversation(row["chosen"], "chosen", source, i)
             chat_r = _conversation(row["rejected"], "rejected", source, i)

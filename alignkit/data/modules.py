@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import random
+import sys
 from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -17,19 +18,34 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from alignkit import seeds
 from alignkit.data.formats import (
+    PREFERENCE_COLUMNS,
+    SFT_COLUMNS,
     DataError,
     PreferenceFormat,
     SFTFormat,
+    detect_format,
     load_rows,
     preference_records,
     sft_records,
 )
+from alignkit.data.report import DataReport
 from alignkit.data.tokenize import Truncation, TruncationStats, encode_prompt, encode_response, fit
 from alignkit.rollout import left_pad
 from alignkit.task import Task
 from alignkit.types import PreferenceBatch, PromptBatch, SFTBatch
 
 IGNORE = -100
+
+#: Reasons counted in the data report for preference pairs left out.
+IDENTICAL = "identical chosen/rejected"
+IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
+
+Length = int | Literal["auto"]
+
+
+def _check_length(name: str, value: Any) -> None:
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DataError(f"data.{name} must be a positive number of tokens or 'auto', got {value!r}")
 
 
 def right_pad(rows: list[list[int]], pad: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +157,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
     kind: str = ""
 
     def __init__(self, path: str | None = None, task: Task | None = None, split: str = "train",
-                 batch_size: int = 16, max_length: int = 256, max_prompt_length: int = 128,
+                 batch_size: int = 16, max_length: Length = 256, max_prompt_length: Length = 128,
                  truncation: Truncation = "truncate", val_fraction: float = 0.05, limit: int | None = None,
                  chat_template: bool = False, bootstrap: bool = False, shuffle: bool = True, seed: int | None = None,
                  num_workers: int = 0, group_by_length: bool = False):
@@ -151,9 +167,13 @@ class AlignData(L.LightningDataModule, abc.ABC):
             task: a built-in or plugin task whose data is used when ``path`` is not given.
             split: the split read from an HF data set.
             batch_size: examples per batch (per device).
-            max_length: longest prompt + response, in tokens.
-            max_prompt_length: longest prompt, in tokens.
-            truncation: what to do with longer examples: truncate, drop, or error.
+            max_length: longest prompt + response, in tokens; ``auto``: the longest example of the data, capped
+                by the model's context (printed at set-up).
+            max_prompt_length: longest prompt, in tokens; ``auto``: the longest prompt of the data, or, when not
+                every example fits in ``max_length``, what leaves room for the answer (its longest length, at
+                most half of ``max_length``).
+            truncation: what to do with longer examples: truncate, drop, or error. Truncated and dropped
+                examples are counted in the data report printed at set-up (and stored in ``metrics.json``).
             val_fraction: fraction of the examples held out for validation (0: none).
             limit: use only the first ``limit`` examples.
             chat_template: wrap plain-text prompts in the tokenizer's chat template.
@@ -174,13 +194,19 @@ class AlignData(L.LightningDataModule, abc.ABC):
             raise DataError(f"{type(self).__name__}: give data.path or data.task")
         if not 0 <= val_fraction < 1:
             raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        _check_length("max_length", max_length)
+        _check_length("max_prompt_length", max_prompt_length)
         self.path, self.task, self.split = path, task, split
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.truncation, self.val_fraction, self.limit = truncation, val_fraction, limit
         self.chat_template, self.bootstrap, self.shuffle = chat_template, bootstrap, shuffle
         self.seed, self.num_workers, self.group_by_length = seed, num_workers, group_by_length
         self.tokenizer = None
+        self.context: int | None = None  # the model's context length, which caps `auto` lengths
+        self.auto: dict[str, str] = {}  # limit -> how `auto` set it
         self.stats = TruncationStats()
+        self.rows_read = self.tokens = self.unk_tokens = self.identical_pairs = 0
+        self.report: DataReport | None = None
         self.train_set: list[Any] = []
         self.val_set: list[Any] = []
         self.train_loader_state: dict[str, int] | None = None
@@ -201,32 +227,133 @@ class AlignData(L.LightningDataModule, abc.ABC):
     def task_rows(self) -> list[dict[str, Any]]:
         raise DataError(f"{type(self).__name__} cannot read data from a task; give data.path")
 
+    @property
+    def response_names(self) -> list[str]:
+        """Names of an example's responses in the data report."""
+        return ["response"]
+
+    @property
+    def format_name(self) -> str | None:
+        """The row format, for the data report."""
+        return None
+
     def length(self, example: Any) -> int:
         """The length (in tokens) that ``example`` pads a batch to, for ``group_by_length``."""
         raise DataError(f"{type(self).__name__} does not support group_by_length (it defines no length())")
 
     @abc.abstractmethod
     def encode(self, rows: list[dict[str, Any]]) -> list[Any]:
-        """Validate and tokenise rows into examples (counting truncations in ``self.stats``)."""
+        """Validate and tokenise rows into examples: tokenise every row, then :meth:`resolve_lengths` and
+        :meth:`fit_example` each (which count lengths, truncations and ``<unk>`` for the data report)."""
 
-    def attach(self, tokenizer) -> None:
-        """Give the data module its tokenizer (done by ``setup`` from the LightningModule in training)."""
+    def attach(self, tokenizer, context: int | None = None) -> None:
+        """Give the data module its tokenizer (done by ``setup`` from the LightningModule in training) and the
+        model's context length (``context``; default: the tokenizer's ``model_max_length`` if it sets one), which
+        caps ``auto`` lengths."""
         self.tokenizer = tokenizer
+        limit = getattr(tokenizer, "model_max_length", None)
+        self.context = context or (limit if isinstance(limit, int) and 0 < limit < 10**7 else None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            self.attach(self.trainer.lightning_module.tokenizer)
+            from alignkit.models.loading import context_length
+
+            module = self.trainer.lightning_module
+            self.attach(module.tokenizer, context_length(module.policy))
         self.seed = self.run_seed
         if self.train_set:
             return
         self.stats = TruncationStats()
+        self.rows_read = self.tokens = self.unk_tokens = self.identical_pairs = 0
         examples = self.encode(self.rows())
         if not examples:
-            raise DataError(f"{self.source}: no usable examples after truncation ({self.stats.dropped} dropped)")
+            dropped = "; ".join(f"{n} {reason}" for reason, n in self.stats.dropped_by.items())
+            raise DataError(f"{self.source}: no usable examples ({self.stats.dropped} of {self.rows_read} rows "
+                            f"dropped{f': {dropped}' if dropped else ''})")
         self.train_set, self.val_set = self.hold_out(examples)
         if self.bootstrap:
             rng = random.Random(f"bootstrap:{self.run_seed}")
             self.train_set = [self.train_set[rng.randrange(len(self.train_set))] for _ in self.train_set]
+        self.report = DataReport(
+            source=self.source, kind=self.kind, format=self.format_name, rows=self.rows_read,
+            train=len(self.train_set), val=len(self.val_set), stats=self.stats, max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length, responses=self.response_names, auto=dict(self.auto),
+            tokens=self.tokens, unk_tokens=self.unk_tokens, identical_pairs=self.identical_pairs, **self.hints())
+        self.publish_report()
+
+    def hints(self) -> dict[str, str]:
+        """What fixes a high ``<unk>`` rate (``unk``) and a context too short for ``auto`` lengths (``context``):
+        for the tiny model, its own options."""
+        policy = getattr(getattr(self.trainer, "lightning_module", None), "policy_config", None)
+        if getattr(policy, "name_or_path", None) != "tiny":
+            return {}
+        context = policy.tiny.max_position_embeddings
+        hints = {"context": f"raise model.policy.tiny.max_position_embeddings (now {context})"}
+        if self.path is not None:
+            hints["unk"] = (f"train the tiny model's tokenizer on this data too "
+                            f"(--model.policy.tiny.data={self.path}), or use a pretrained model (model.policy.name_or_path)")
+        return hints
+
+    def publish_report(self) -> None:
+        """Print the data report (and its warnings, one line each, on stderr) on global rank 0, and give it to
+        the trainer's loggers (wandb's config) as hyperparameters."""
+        report, trainer = self.report, self.trainer
+        if report is None or (trainer is not None and not trainer.is_global_zero):
+            return
+        print(report.text(), flush=True)
+        for warning in report.warnings():
+            print(f"alignkit: warning: {warning}", file=sys.stderr, flush=True)
+        from lightning.pytorch.loggers import CSVLogger
+
+        for logger in getattr(trainer, "loggers", None) or []:
+            if not isinstance(logger, CSVLogger):  # the run directory has it already, in metrics.json
+                logger.log_hyperparams({"data_report": report.as_dict()})
+
+    def resolve_lengths(self, items: list[tuple[int, list[int], list[list[int]]]]) -> None:
+        """Set the limits given as ``auto`` from the tokenised examples ``(row, prompt ids, response ids)``.
+
+        ``max_length``: the longest example (prompt + longest response), capped by the model's context.
+        ``max_prompt_length``: the longest prompt, when every example fits in ``max_length``; otherwise
+        ``max_length`` less the room kept for the response (its longest length, at most half of ``max_length``),
+        so that a cut example keeps the end of its prompt and most of its answer. Capped by the context too."""
+        if "auto" not in (self.max_length, self.max_prompt_length):
+            return
+        longest_prompt = max((len(p) for _, p, _ in items), default=1)
+        longest_response = max((len(r) for _, _, rs in items for r in rs), default=0)
+        longest = max((len(p) + max(map(len, rs), default=0) for _, p, rs in items), default=1)
+        cap = self.context or max(longest, longest_prompt)  # no context known: no cap
+        if self.max_length == "auto":
+            self.max_length = max(min(longest, cap), 2)
+            self.auto["max_length"] = (f"the model's context (longest example: {longest} tokens)" if longest > cap
+                                       else "the longest example")
+        if self.max_prompt_length == "auto":
+            if longest <= self.max_length and longest_prompt <= cap:
+                self.max_prompt_length, why = longest_prompt, "the longest prompt"
+            else:
+                reserve = min(longest_response, self.max_length // 2)
+                self.max_prompt_length = max(min(longest_prompt, cap, self.max_length - reserve), 1)
+                why = (f"max_length - {reserve} tokens kept for the response (longest prompt: {longest_prompt} "
+                       f"tokens)" if longest_prompt > self.max_prompt_length else "the longest prompt")
+            self.auto["max_prompt_length"] = why
+
+    def fit_example(self, row: int, prompt_ids: list[int], responses: list[list[int]]
+                    ) -> tuple[list[int], list[list[int]]] | None:
+        """Count the example's tokens and ``<unk>`` tokens, then apply the truncation policy (None: dropped)."""
+        self.count_tokens([prompt_ids, *responses])
+        return fit(prompt_ids, responses, self.max_length, self.max_prompt_length, self.truncation, self.stats,
+                   f"{self.source} row {row}")
+
+    def count_tokens(self, sequences: list[list[int]]) -> None:
+        tok = self.tokenizer
+        unk = getattr(tok, "unk_token_id", None)
+        # Some tokenizers name their EOS or pad token as unk (GPT-2): those ids are not unknown text.
+        if unk in (None, getattr(tok, "eos_token_id", None), getattr(tok, "pad_token_id", None),
+                   getattr(tok, "bos_token_id", None)):
+            unk = None
+        for ids in sequences:
+            self.tokens += len(ids)
+            if unk is not None:
+                self.unk_tokens += ids.count(unk)
 
     def hold_out(self, examples: list[Any]) -> tuple[list[Any], list[Any]]:
         """Seeded random hold-out of ``val_fraction`` of the examples (order otherwise kept)."""
@@ -261,8 +388,11 @@ class AlignData(L.LightningDataModule, abc.ABC):
         """Pad a list of examples into the typed batch of this data kind."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Truncation statistics and, during training, the train loader's position (stored in checkpoints)."""
+        """The data report (:class:`~alignkit.data.report.DataReport`: rows, drops, truncation, lengths, ``<unk>``)
+        and, during training, the train loader's position (stored in checkpoints)."""
         state = {"truncated": self.stats.truncated, "dropped": self.stats.dropped, "examples": self.stats.examples}
+        if self.report is not None:
+            state.update(self.report.as_dict())
         loader = self.trainer.train_dataloader if self.trainer is not None else None
         if isinstance(loader, ResumableLoader):
             state["train_loader"] = loader.state_dict()
@@ -291,17 +421,29 @@ class SFTData(AlignData):
         """
         super().__init__(*args, **kwargs)
         self.format, self.packing = format, packing
+        self._rows: list[dict[str, Any]] = []
 
     def task_rows(self) -> list[dict[str, Any]]:
         return [{"prompt": d.prompt, "response": d.response} for d in self.task.demonstrations()]
 
+    @property
+    def format_name(self) -> str | None:
+        if self.format != "auto" or not self._rows:
+            return self.format
+        return detect_format(self._rows, SFT_COLUMNS, self.source)
+
     def encode(self, rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
-        examples = []
+        self.rows_read += len(rows)
+        self._rows = rows[:1]
+        items = []
         for i, record in enumerate(sft_records(rows, self.format, self.source)):
             prompt_ids = encode_prompt(self.tokenizer, record.prompt, self.chat_template)
             response_ids = encode_response(self.tokenizer, record.prompt, prompt_ids, record.response, self.chat_template)
-            fitted = fit(prompt_ids, [response_ids], self.max_length, self.max_prompt_length, self.truncation,
-                         self.stats, f"{self.source} row {i}")
+            items.append((i, prompt_ids, [response_ids]))
+        self.resolve_lengths(items)
+        examples = []
+        for i, prompt_ids, responses in items:
+            fitted = self.fit_example(i, prompt_ids, responses)
             if fitted is not None:
                 examples.append((fitted[0], fitted[1][0]))
         return pack(examples, self.max_length) if self.packing else examples
@@ -377,25 +519,60 @@ class PreferenceData(AlignData):
 
     kind = "preference"
 
-    def __init__(self, *args, format: PreferenceFormat = "auto", **kwargs):
+    def __init__(self, *args, format: PreferenceFormat = "auto", strict: bool = False, **kwargs):
         """
         Args:
             format: the row format (auto-detected from the columns by default).
+            strict: refuse (with an error naming the row) a pair whose chosen and rejected answers are the same
+                text, or become the same tokens when truncated; by default such pairs are dropped and counted in
+                the data report.
         """
         super().__init__(*args, **kwargs)
-        self.format = format
+        self.format, self.strict = format, strict
+        self._rows: list[dict[str, Any]] = []
+
+    @property
+    def response_names(self) -> list[str]:
+        return ["chosen", "rejected"]
+
+    @property
+    def format_name(self) -> str | None:
+        if self.format != "auto" or not self._rows:
+            return self.format
+        return detect_format(self._rows, PREFERENCE_COLUMNS, self.source)
 
     def encode(self, rows: list[dict[str, Any]]) -> list[PreferenceExample]:
-        examples = []
+        self.rows_read += len(rows)
+        self._rows = rows[:1]
+        items, records = [], {}
         for i, record in enumerate(preference_records(rows, self.format, self.source)):
+            if record.identical:
+                if self.strict:
+                    raise DataError(f"{self.source} row {i}: 'chosen' and 'rejected' are the same text "
+                                    f"{record.chosen.strip()[:40]!r} (strict: true refuses such pairs)")
+                self.identical_pairs += 1
+                self.stats.drop(IDENTICAL)
+                continue
             prompt_ids = encode_prompt(self.tokenizer, record.prompt, self.chat_template)
             chosen = encode_response(self.tokenizer, record.prompt, prompt_ids, record.chosen, self.chat_template)
             rejected = encode_response(self.tokenizer, record.prompt, prompt_ids, record.rejected, self.chat_template)
-            fitted = fit(prompt_ids, [chosen, rejected], self.max_length, self.max_prompt_length, self.truncation,
-                         self.stats, f"{self.source} row {i}")
-            if fitted is not None:
-                prompt_ids, (chosen, rejected) = fitted
-                examples.append(PreferenceExample(i, prompt_ids, chosen, rejected, record.margin, record.soft_label))
+            items.append((i, prompt_ids, [chosen, rejected]))
+            records[i] = record
+        self.resolve_lengths(items)
+        examples = []
+        for i, prompt_ids, responses in items:
+            fitted = self.fit_example(i, prompt_ids, responses)
+            if fitted is None:
+                continue
+            prompt_ids, (chosen, rejected) = fitted
+            if chosen == rejected:  # both answers cut to the same tokens: nothing left to prefer
+                if self.strict:
+                    raise DataError(f"{self.source} row {i}: 'chosen' and 'rejected' are identical after truncation "
+                                    f"to max_length={self.max_length} (strict: true); raise data.max_length")
+                self.stats.drop(IDENTICAL_AFTER_TRUNCATION)
+                continue
+            record = records[i]
+            examples.append(PreferenceExample(i, prompt_ids, chosen, rejected, record.margin, record.soft_label))
         return examples
 
     def length(self, example: PreferenceExample) -> int:
@@ -435,27 +612,35 @@ class PromptData(AlignData):
     def task_rows(self) -> list[dict[str, Any]]:
         return [{self.column: p} for p in self.task.train_prompts()]
 
+    @property
+    def response_names(self) -> list[str]:
+        return []
+
     def encode(self, rows: list[dict[str, Any]]) -> list[PromptExample]:
         if rows and self.column not in rows[0]:
             raise DataError(f"{self.source}: prompt column {self.column!r} missing; found {', '.join(sorted(rows[0]))}")
-        examples = []
+        self.rows_read += len(rows)
+        items, texts = [], {}
         for i, row in enumerate(rows):
             prompt = row[self.column]
             if not prompt or (isinstance(prompt, str) and not prompt.strip()):
                 raise DataError(f"{self.source} row {i}: empty {self.column!r}")
             ids = encode_prompt(self.tokenizer, prompt, self.chat_template)
-            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-            if len(ids) > self.max_prompt_length:
-                fitted = fit(ids, [[]], self.max_prompt_length, self.max_prompt_length, self.truncation, self.stats,
-                             f"{self.source} row {i}")
-                if fitted is None:
-                    continue
-                ids = fitted[0]
+            items.append((i, ids, []))
+            texts[i] = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        self.resolve_lengths(items)
+        examples = []
+        for i, ids, _ in items:
+            self.count_tokens([ids])
+            fitted = fit(ids, [[]], self.max_prompt_length, self.max_prompt_length, self.truncation, self.stats,
+                         f"{self.source} row {i}")
+            if fitted is None:
+                continue
+            text = texts[i]
+            if fitted[0] != ids:
                 # Reward models and the gold reward must judge the prompt the policy saw, not the one it was cut from.
-                text = self.tokenizer.decode(ids)
-            else:
-                self.stats.examples += 1
-            examples.append(PromptExample(i, text, ids))
+                text = self.tokenizer.decode(fitted[0])
+            examples.append(PromptExample(i, text, fitted[0]))
         return examples
 
     def hold_out(self, examples: list[Any]) -> tuple[list[Any], list[Any]]:

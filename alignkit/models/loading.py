@@ -149,6 +149,21 @@ def _add_lora(model: PreTrainedModel, lora: LoraSettings, head: ModelHead) -> nn
     return get_peft_model(model, config)
 
 
+#: Config attributes that hold a model's context length, by architecture family.
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` takes (its config's ``max_position_embeddings`` or the family's equivalent);
+    None when its config names none."""
+    config = getattr(unwrap_peft(model), "config", None)
+    for name in CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def last_token_index(attention_mask: Tensor) -> Tensor:
     """Index of the last real (non-pad) token of each row, for left or right padding. (B, T) -> (B,)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
