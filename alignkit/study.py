@@ -226,9 +226,6 @@ def _evaluate_method(spec: CellSpec, outputs: dict[str, Path], out: Path) -> dic
     sampling = SamplingConfig(max_new_tokens=ev["max_new_tokens"], temperature=ev["temperature"])
     started = time.perf_counter()
     if spec.method["best_of_n"]:
-        if task.stop and task.stop not in sampling.stop_strings:
-            sampling = SamplingConfig(max_new_tokens=ev["max_new_tokens"], temperature=ev["temperature"],
-                                      stop_strings=[task.stop])
         model, tokenizer = load_model(ModelConfig(name_or_path=policy), "causal_lm")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         reward.to(device).eval()
