@@ -7,6 +7,7 @@ litgpt way): ``pipeline``, ``plugins``, ``collect``, ``eval``.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -16,31 +17,59 @@ from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
-from alignkit.checkpoint import AtomicCheckpointIO, LastCheckpoint
+from alignkit.checkpoint import WRITE_FAILED_EXIT_CODE, AtomicCheckpointIO, LastCheckpoint, WriteFailed, write_errno
 from alignkit.data.modules import AlignData
+from alignkit.lock import RunLock, is_launch_rank_zero
 from alignkit.module import AlignModule
-from alignkit.run import RunDirectory, check_fresh, default_run_dir, resume_checkpoint
+from alignkit.run import (CONFIG_FILE, ConfigChangedError, NewHyperparameters, RunCSVLogger, RunDirectory,
+                          atomic_write_text, check_fresh, check_resume_config, default_run_dir, describe_changes,
+                          record_changes, resume_checkpoint)
 from alignkit.seeds import fill_seeds, global_seed
+from alignkit.signals import Preempted, StopOnSignal
 
 TRAINER_COMMANDS = ("fit", "validate")
 RUN_DIR_ENV = "ALIGNKIT_RUN_DIR"
+#: The checkpoint a resumed run's rank 0 chose, for the other ranks Lightning launches.
+RESUME_ENV = "ALIGNKIT_RESUME_CHECKPOINT"
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """Lightning's config saving, written atomically (a killed run never leaves half a ``config.yaml``, which a
+    resume compares with)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a broadcast: every rank asks
+        assert log_dir is not None
+        if trainer.is_global_zero:
+            atomic_write_text(Path(log_dir) / self.config_filename, self.parser.dump(self.config, skip_none=False))
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 class AlignCLI(LightningCLI):
-    """LightningCLI with alignkit's run directory, default loggers and export callback."""
+    """LightningCLI with alignkit's run directory (locked while it runs), default loggers and export callback."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
-        with warnings.catch_warnings():
-            # in-process calls (pipeline stages, tests) pass `args` on purpose while sys.argv holds the parent's
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            super().__init__(
-                AlignModule, AlignData, subclass_mode_data=True, seed_everything_default=0, args=args, run=run,
-                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                trainer_defaults={"deterministic": True}, parser_kwargs={"exit_on_error": False},
-            )
+        self.run_lock: RunLock | None = None
+        try:
+            with warnings.catch_warnings():
+                # in-process calls (pipeline stages, tests) pass `args` on purpose while sys.argv holds the parent's
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+                super().__init__(
+                    AlignModule, AlignData, subclass_mode_data=True, seed_everything_default=0, args=args, run=run,
+                    save_config_callback=AtomicSaveConfig, save_config_kwargs={"overwrite": True},
+                    auto_configure_optimizers=False, trainer_defaults={"deterministic": True},
+                    parser_kwargs={"exit_on_error": False},
+                )
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -54,9 +83,18 @@ class AlignCLI(LightningCLI):
         parser.add_argument("--wandb", type=bool, default=True,
                             help="Log to wandb in offline mode (no account or network needed; `wandb sync` later).")
         parser.add_argument("--checkpoint_every", type=int | None, default=None,
-                            help="Write checkpoints/last.ckpt every N optimiser steps (default: at the end of each epoch).")
+                            help="Write a checkpoint (checkpoints/step=N.ckpt, linked as last.ckpt) every N optimiser "
+                                 "steps (default: at the end of each epoch).")
+        parser.add_argument("--keep_checkpoints", type=int, default=2,
+                            help="Keep the newest N checkpoints (each with its SHA-256 beside it): a resume falls back "
+                                 "to an older one when the newest is damaged.")
         parser.add_argument("--resume", type=bool, default=False,
-                            help="Continue the unfinished run in --run_dir from its checkpoints/last.ckpt.")
+                            help="Continue the unfinished run in --run_dir from its newest intact checkpoint; the "
+                                 "configuration must be the one it was started with.")
+        parser.add_argument("--resume_with_changes", type=bool, default=False,
+                            help="With --resume: accept a configuration that differs from the run's config.yaml; the "
+                                 "changes are recorded in resume_changes.jsonl and the new optimiser settings (e.g. "
+                                 "the learning rate) replace the checkpoint's.")
 
     @property
     def _cfg(self):
@@ -69,20 +107,47 @@ class AlignCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg
+        child = int(os.environ.get("LOCAL_RANK", "0")) > 0
         # Lightning's DDP children re-run this command: they must reuse the parent's timestamped default.
-        inherited = os.environ.get(RUN_DIR_ENV) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
-        run_dir = cfg.run_dir or cfg.trainer.default_root_dir or inherited or str(default_run_dir(self.recipe))
+        inherited = os.environ.get(RUN_DIR_ENV) if child else None
+        run_dir = Path(cfg.run_dir or cfg.trainer.default_root_dir or inherited or str(default_run_dir(self.recipe)))
         os.environ[RUN_DIR_ENV] = str(run_dir)
-        if self.subcommand == "fit" and cfg.resume:
-            if cfg.get("ckpt_path"):
-                raise ArgumentError(None, "give --resume true or --ckpt_path, not both")
-            cfg.ckpt_path = str(resume_checkpoint(Path(run_dir)))
-        elif self.subcommand == "fit":
-            check_fresh(Path(run_dir))
+        if cfg.keep_checkpoints < 1:
+            raise ArgumentError(None, f"--keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+        if cfg.resume_with_changes and not cfg.resume:
+            raise ArgumentError(None, "--resume_with_changes true needs --resume true")
+        if self.subcommand == "fit" and cfg.resume and cfg.get("ckpt_path"):
+            raise ArgumentError(None, "give --resume true or --ckpt_path, not both")
         cfg.run_dir = cfg.trainer.default_root_dir = str(run_dir)
         # One seed drives the run: every seed left unset derives from it by its role (recorded in config.yaml).
         run_seed = cfg.seed_everything if cfg.seed_everything is not False else global_seed()
         fill_seeds(cfg, run_seed)
+        rank_zero = is_launch_rank_zero()
+        if rank_zero and self.subcommand == "fit":
+            check_fresh(run_dir, resuming=cfg.resume)  # a refusal writes nothing, not even the lock
+        if rank_zero:  # one writer per run directory, from here to the end of the command
+            os.environ.pop(RESUME_ENV, None)
+            self.run_lock = RunLock(run_dir).acquire()
+        if self.subcommand != "fit":
+            return
+        if not cfg.resume:
+            if rank_zero:
+                check_fresh(run_dir)
+            return
+        if not rank_zero:  # the checkpoint rank 0 chose (it may have set damaged ones aside)
+            cfg.ckpt_path = os.environ.get(RESUME_ENV) or str(resume_checkpoint(run_dir, set_aside=False))
+            return
+        import yaml
+
+        check_fresh(run_dir, resuming=True)
+        new = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_none=False))
+        changes = check_resume_config(run_dir, new, cfg.resume_with_changes)
+        checkpoint = resume_checkpoint(run_dir)
+        if changes:
+            record_changes(run_dir, changes, checkpoint)
+            print(f"alignkit: resuming {run_dir} with a changed configuration: {describe_changes(changes)} (recorded "
+                  f"in {run_dir / 'resume_changes.jsonl'}; {CONFIG_FILE} now holds the new one)", file=sys.stderr)
+        cfg.ckpt_path = os.environ[RESUME_ENV] = str(checkpoint)
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self._cfg
@@ -90,9 +155,12 @@ class AlignCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self.default_loggers(run_dir)
-        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), RunDirectory(run_dir, self.recipe)]
+        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), RunDirectory(run_dir, self.recipe), StopOnSignal()]
+        if cfg.get("resume_with_changes"):
+            kwargs["callbacks"].append(NewHyperparameters())
         if trainer_cfg.get("enable_checkpointing", True) is not False:
-            kwargs["callbacks"].append(LastCheckpoint(run_dir / "checkpoints", cfg.get("checkpoint_every")))
+            kwargs["callbacks"].append(LastCheckpoint(run_dir / "checkpoints", cfg.get("checkpoint_every"),
+                                                      cfg.get("keep_checkpoints", 2)))
         kwargs["plugins"] = self.checkpoint_plugins(trainer_cfg.get("plugins"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             kwargs["callbacks"].append(RichProgressBar(leave=True))
@@ -107,7 +175,7 @@ class AlignCLI(LightningCLI):
         return plugins
 
     def default_loggers(self, run_dir: Path) -> list:
-        loggers: list = [CSVLogger(save_dir=run_dir, name="", version="")]
+        loggers: list = [RunCSVLogger(save_dir=run_dir, name="", version="")]
         if self._cfg.wandb:
             algorithm = self._cfg.model.algorithm.class_path.rsplit(".", 1)[-1]
             group = self._cfg.experiment or (Path(self.recipe).stem if self.recipe else "alignkit")
@@ -149,18 +217,44 @@ def main(argv: list[str] | None = None) -> None:
 
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    debug = bool(os.environ.get("ALIGNKIT_DEBUG"))
     try:
         if argv and argv[0] in commands.available():
             commands.run(argv[0], argv[1:])
         else:
             AlignCLI(args=None if from_command_line else argv)
-    except (*commands.USER_ERRORS, ArgumentError) as exc:
-        if os.environ.get("ALIGNKIT_DEBUG"):
+    except Preempted as exc:
+        print(f"alignkit: {exc.message()}", file=sys.stderr)
+        raise SystemExit(exc.code) from None
+    except WriteFailed as exc:
+        if debug:
+            raise
+        print(f"alignkit: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(WRITE_FAILED_EXIT_CODE) from None
+    except (*commands.USER_ERRORS, ArgumentError, ConfigChangedError) as exc:
+        if debug:
             raise
         message = " ".join(str(exc).split())  # one line, whatever the library's layout
         kind = "" if isinstance(exc, ArgumentError) else f"{type(exc).__name__}: "
         print(f"alignkit: error: {kind}{message} (run with --help for the options)", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as exc:
+        number = write_errno(exc)  # a full disk met by a write without a file name of its own (a library's)
+        if debug or number not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
+        failed = WriteFailed(where or f"a file in {os.environ.get(RUN_DIR_ENV, 'the run directory')}", number)
+        print(f"alignkit: error: {failed}", file=sys.stderr)
+        raise SystemExit(WRITE_FAILED_EXIT_CODE) from None
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and its causes and contexts."""
+    found: list[BaseException] = []
+    while exc is not None and exc not in found:
+        found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,14 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
             (:mod:`alignkit.seeds`). A stage's own ``args`` win. None: each stage's recipe and options decide.
     """
     from alignkit.cli import fit
-    from alignkit.run import default_run_dir
+    from alignkit.run import default_run_dir, has_checkpoint
 
+    for stage in stages:  # a stage's name is the name of its folder under run_dir
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", stage.name or ""):
+            raise DataError(f"pipeline stage name {stage.name!r} is not a plain name (letters, digits, '-' and '_' "
+                            f"only): it names the stage's folder under the pipeline's run_dir")
+    if len({stage.name for stage in stages}) < len(stages):
+        raise DataError(f"pipeline stage names must differ: {[stage.name for stage in stages]}")
     root = Path(run_dir) if run_dir else default_run_dir("pipeline")
     outputs = {stage.name: root / stage.name for stage in stages}
     for stage in stages:
@@ -126,7 +133,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
             if not recipe.is_file():
                 raise FileNotFoundError(f"pipeline stage {stage.name!r}: recipe {recipe} does not exist")
             # a stage stopped part-way (a checkpoint but no summary yet) continues from its last checkpoint
-            resume = ["--resume", "true"] if (stage_dir / "checkpoints" / "last.ckpt").is_file() else []
+            resume = ["--resume", "true"] if has_checkpoint(stage_dir) else []
             fit(["--config", str(recipe), *args, *(set or []), "--run_dir", str(stage_dir), *resume])
         else:
             run(stage.command, [*args, "--run_dir", str(stage_dir)])

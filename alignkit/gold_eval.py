@@ -38,7 +38,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from alignkit.checkpoint import rng_states, set_rng_states
@@ -73,8 +72,9 @@ class GoldEval(L.Callback):
     during training (DPO's ``reference_logps=precompute``) stays alive while this callback holds it.
 
     A run resumed from step K keeps the evaluations up to K in ``gold_eval.jsonl``, drops the later ones
-    (which the resumed run makes again) and does not repeat the evaluation at K; K's row is logged again to
-    the CSV loggers, whose resumed ``metrics.csv`` keeps only the rows before K. One ``GoldEval`` per run.
+    (which the resumed run makes again) and does not repeat the evaluation at K, whose ``metrics.csv`` row the
+    resumed file keeps (it was logged before K's checkpoint: :class:`alignkit.run.RunDirectory`). One
+    ``GoldEval`` per run.
 
     Cost per evaluation: sampling ``num_prompts`` × ``sampling.max_new_tokens`` tokens and one reference
     forward over them.
@@ -152,8 +152,6 @@ class GoldEval(L.Callback):
             self.reward.to(pl_module.device).eval().requires_grad_(False)
         if self._reference is not None and self._reference is not pl_module.reference:
             self._reference.to(pl_module.device)
-        if self.resumed_step is not None and trainer.is_global_zero:
-            self._relog_resumed_row(trainer)
         started = time.perf_counter()
         with self._isolated(trainer, pl_module), self.reference_model(pl_module) as reference:
             rollouts = sample_responses(reference, pl_module.tokenizer, self.prompts, self.sampling, self.batch_size,
@@ -236,19 +234,6 @@ class GoldEval(L.Callback):
             _append(self.path(trainer), {"step": step, **metrics, "time_s": round(elapsed, 4)})
         self._unbooked_s = 0.0
         return metrics
-
-    def _relog_resumed_row(self, trainer: L.Trainer) -> None:
-        """Log the evaluation made at the resumed step again to the CSV loggers: a resumed ``metrics.csv`` keeps
-        only the rows logged before that step (:class:`alignkit.run.RunDirectory`)."""
-        path = self.path(trainer)
-        rows = [r for r in read_trajectory(path.parent) if r["step"] == self.resumed_step] if path.is_file() else []
-        if not rows:
-            return
-        metrics = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.log_metrics(metrics, step=self.resumed_step)
-                logger.save()
 
 
 # ------------------------------------------------------------------------------------------ the file

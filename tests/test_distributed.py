@@ -226,7 +226,7 @@ def test_sharded_ppo_resumes_to_the_same_result(strategy, inputs, tmp_path):
     run(tmp_path / "resumed", 2)
     (tmp_path / "resumed" / "metrics.json").unlink()  # as if it had stopped after its step-2 checkpoint
     shutil.rmtree(tmp_path / "resumed" / "model")
-    run(tmp_path / "resumed", 4, "--resume", "true")
+    run(tmp_path / "resumed", 4, "--resume", "true", "--resume_with_changes", "true")  # max_steps 2 -> 4
     a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("reference", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "resumed" / "completions.jsonl").read_text() == (tmp_path / "reference" / "completions.jsonl").read_text()

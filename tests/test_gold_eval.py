@@ -120,7 +120,7 @@ def test_resumed_run_trims_the_trajectory_and_continues_it(sft_run, tmp_path):
     (run / "metrics.json").unlink()
     with (run / GOLD_EVAL_FILE).open("a") as f:
         f.write(json.dumps({"step": 5, "eval/gold_reward": 99.0}) + "\n")
-    run_cli(sft_args(policy, run, 6, "--checkpoint_every=2", "--resume", "true"))
+    run_cli(sft_args(policy, run, 6, "--checkpoint_every=2", "--resume", "true", "--resume_with_changes", "true"))
 
     resumed = read_trajectory(run)
     assert [r["step"] for r in resumed] == [0, 2, 4, 6]  # 5 dropped, 4 not repeated

@@ -41,13 +41,14 @@ class Blocker:
 
 
 class KillWhileSaving(L.Callback):
-    """Test-only: from optimiser step ``step`` on, the next checkpoint write blocks (see :class:`Blocker`)."""
+    """Test-only: from optimiser step ``step`` on, the next checkpoint write blocks (see :class:`Blocker`), unless
+    ``marker`` exists (the resumed run passes the same callback, as a resume must repeat the configuration)."""
 
     def __init__(self, step: int, marker: str):
         self.step, self.marker = step, Path(marker)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and not self.marker.exists():
             checkpoint["blocker"] = Blocker(self.marker)
 
 
@@ -87,14 +88,20 @@ CASES = {
 }
 
 
+def hold(run_dir: Path, step: int) -> str:
+    """The ``--trainer.callbacks`` argument of :func:`kill_while_saving` (inert once the run was killed)."""
+    marker = run_dir.parent / f"{run_dir.name}.writing"
+    return "--trainer.callbacks=" + json.dumps([{"class_path": "test_resume.KillWhileSaving",
+                                                 "init_args": {"step": step, "marker": str(marker)}}])
+
+
 def kill_while_saving(args: list[str], run_dir: Path, step: int, timeout: float = 120) -> None:
     """Run ``alignkit fit`` in a child process and SIGKILL it while it writes its first checkpoint at or
     after optimiser step ``step``."""
     marker = run_dir.parent / f"{run_dir.name}.writing"
-    hold = json.dumps([{"class_path": "test_resume.KillWhileSaving", "init_args": {"step": step, "marker": str(marker)}}])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "alignkit.cli", "fit", *args, "--run_dir", str(run_dir), f"--trainer.callbacks={hold}"]
+    command = [sys.executable, "-m", "alignkit.cli", "fit", *args, "--run_dir", str(run_dir), hold(run_dir, step)]
     child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while not marker.exists():
@@ -132,14 +139,106 @@ def test_killed_run_resumes_to_the_same_result(name, inputs, tmp_path, monkeypat
     killed = tmp_path / "killed"
     kill_while_saving(args, killed, step=checkpoint_step + 1)
     checkpoints = killed / "checkpoints"
-    # The killed write left its temporary file; last.ckpt is the previous, complete checkpoint.
-    assert [p.name for p in checkpoints.iterdir() if p.name != "last.ckpt"][0].startswith(".last.ckpt.")
+    # The killed write left its temporary file; last.ckpt links the previous, complete checkpoint.
+    leftovers = [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")
+    assert os.readlink(checkpoints / "last.ckpt") == f"step={checkpoint_step}.ckpt"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == checkpoint_step
     assert (checkpoints / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask()
     assert not (killed / "model").exists()
-    run_cli(["fit", *args, "--run_dir", killed, "--resume", "true"])
+    run_cli(["fit", *args, "--run_dir", killed, "--resume", "true", hold(killed, checkpoint_step + 1)])
     assert_same_run(tmp_path / "reference", killed)
-    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # the leftover was cleaned up
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]  # the leftover was cleaned up
+    assert len(list(checkpoints.glob("step=*.ckpt"))) == 2  # --keep_checkpoints
+
+
+class Started(L.Callback):
+    """Test-only: appends ``start`` to ``marker`` whenever training starts (the end of a run's start-up) and ``end``
+    when it ends."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        with self.marker.open("a") as f:
+            f.write("start\n")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with self.marker.open("a") as f:
+            f.write("end\n")
+
+
+@pytest.mark.skipif(not os.environ.get("ALIGNKIT_STRESS"), reason="SIGKILLs at random moments: set ALIGNKIT_STRESS=1 "
+                    "(about 1.5 minutes per algorithm)")
+@pytest.mark.parametrize("name", ["sft", "dpo", "ppo"])
+def test_sigkills_at_random_moments_resume_to_the_same_result(name, inputs, tmp_path, monkeypatch):
+    """Real ``alignkit fit`` processes (the first fresh, then ``--resume true`` whenever a checkpoint exists)
+    SIGKILLed 5 times at random moments: 3 during training, 2 during the start-up of a resume (after a random
+    share of the time an uninterrupted start-up takes: imports, checkpoint check and load, file trimming); then
+    the run finishes. Its weights, metrics.csv, metrics.json and completions are those of a run never
+    interrupted."""
+    import random
+
+    from alignkit.run import has_checkpoint
+
+    monkeypatch.chdir(ROOT)
+    arguments, _ = CASES[name]  # max_steps=30 below
+    args = [*map(str, arguments(inputs)), *COMMON, "--trainer.max_steps=30"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+    def start(run_dir: Path) -> tuple[subprocess.Popen, Path]:
+        marker = run_dir.parent / f"{run_dir.name}.started"
+        started = json.dumps([{"class_path": "test_resume.Started", "init_args": {"marker": str(marker)}}])
+        resume = ["--resume", "true"] if has_checkpoint(run_dir) else []
+        command = [sys.executable, "-m", "alignkit.cli", "fit", *args, "--run_dir", str(run_dir),
+                   f"--trainer.callbacks={started}", *resume]
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True), marker
+
+    def starts(marker: Path, what: str = "start") -> int:
+        return marker.read_text().split().count(what) if marker.exists() else 0
+
+    def wait_for(child: subprocess.Popen, marker: Path, what: str, count: int) -> None:
+        while starts(marker, what) < count and child.poll() is None:
+            time.sleep(0.01)
+
+    began = time.monotonic()
+    child, marker = start(tmp_path / "reference")
+    wait_for(child, marker, "start", 1)
+    startup = time.monotonic() - began
+    wait_for(child, marker, "end", 1)
+    training = time.monotonic() - began - startup
+    _, err = child.communicate(timeout=600)
+    assert child.returncode == 0, err[-3000:]
+    rng, run, history = random.Random(name), tmp_path / "killed", []
+    for phase in ("training", "training", "start-up", "training", "start-up"):
+        done = max([int(p.name[5:-5]) for p in (run / "checkpoints").glob("step=*.ckpt")], default=0)
+        if done >= 28:  # nothing (much) left to train: kill the start-up instead
+            phase = "start-up"
+        child, marker = start(run)
+        began, before = time.monotonic(), starts(marker)
+        if phase == "training":
+            wait_for(child, marker, "start", before + 1)
+            delay = rng.uniform(0.1, 0.6) * training * (1 - done / 30)  # within what is left
+        else:
+            delay = rng.uniform(0.4, 1.0) * startup
+        try:
+            _, err = child.communicate(timeout=max(delay - (time.monotonic() - began), 0.01) if phase != "training"
+                                       else delay)
+            pytest.fail(f"the run ended ({child.returncode}) before its {phase} kill (start-up {startup:.1f} s, training "
+                        f"{training:.1f} s, kills so far {history}): {err[-500:]}")
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+        history.append((phase, sorted(p.name for p in (run / "checkpoints").glob("step=*.ckpt"))
+                        if (run / "checkpoints").is_dir() else []))
+    print(f"{name}: start-up {startup:.1f} s, training {training:.1f} s; kills (phase, checkpoints then): {history}")
+    if not (run / "metrics.json").exists():
+        started = [{"class_path": "test_resume.Started", "init_args": {"marker": str(marker)}}]
+        run_cli(["fit", *args, "--run_dir", run, f"--trainer.callbacks={json.dumps(started)}",
+                 *(["--resume", "true"] if has_checkpoint(run) else [])])
+    assert_same_run(tmp_path / "reference", run)
 
 
 def umask() -> int:
@@ -220,7 +319,8 @@ def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "run" / "model")  # as if the run had stopped after its step-2 checkpoint
     (tmp_path / "run" / "metrics.json").unlink()
     # A new process, as a real resume is (wandb stamps its folders with the process's start time).
-    command = [sys.executable, "-m", "alignkit.cli", "fit", *map(str, args), "--trainer.max_steps=4", "--resume", "true"]
+    command = [sys.executable, "-m", "alignkit.cli", "fit", *map(str, args), "--trainer.max_steps=4", "--resume", "true",
+               "--resume_with_changes", "true"]  # a longer run: a change of configuration
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own wandb service, as a new run has
     subprocess.run(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}, check=True,
                    stdout=subprocess.DEVNULL)
