@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from alignkit.errors import WriteFailed
 
 try:
     import numpy as np
@@ -41,20 +42,6 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPE
 
 #: The exit code of a run stopped by a write that failed (``EX_IOERR`` of ``sysexits.h``).
 WRITE_FAILED_EXIT_CODE = 74
-
-
-class WriteFailed(OSError):
-    """A file of the run could not be written (disk full, no permission): one line saying what, where and that
-    nothing written before was damaged."""
-
-    def __init__(self, path: str | Path, error: int, detail: str = ""):
-        self.path, self.error = Path(path), error
-        advice = "once it is writable" if error in (errno.EACCES, errno.EPERM, errno.EROFS) else "once there is room"
-        super().__init__(error, f"could not write {path}: {os.strerror(error)}{detail}; nothing written before was "
-                                f"damaged (a run continues from its last checkpoint with --resume true {advice})")
-
-    def __str__(self) -> str:
-        return str(self.args[1])
 
 
 def write_errno(exc: BaseException) -> int | None:

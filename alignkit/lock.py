@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from alignkit.errors import RunLockedError
 
 try:
     import fcntl
@@ -31,10 +32,6 @@ LOCK_FILE = ".lock"
 #: Environment variables that hold a process's rank in the launchers alignkit runs under (torchrun, Lightning's
 #: own DDP launcher, SLURM): a process is global rank 0 when every one present is 0.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
-
-
-class RunLockedError(OSError):
-    """Another process is writing the run directory."""
 
 
 def is_launch_rank_zero() -> bool:

@@ -8,21 +8,21 @@ a run's manager, so competing implementations never race. Built-in defaults are 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pluggy
 
 from alignkit import hookspecs
-from alignkit.plugin import Algorithm, Reward
+from alignkit.plugin import Algorithm, Reward, RewardOutput
+from alignkit.types import LossOutput, Rollout
+from alignkit.errors import PluginError
 
 GROUP = "alignkit"
-
-
-class PluginError(RuntimeError):
-    """A plugin raised, returned the wrong type, or lacks a hook it must implement."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,22 @@ def plugin_name(plugin: Any) -> str:
     return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
 
 
+#: What each hook's implementations may return (besides None). Checked at every call, so a wrong answer is
+#: reported naming the plugin that gave it rather than failing later in the host.
+HOOK_RESULTS: dict[str, type | tuple[type, ...]] = {
+    "alignkit_configure": object, "alignkit_rollout": Rollout, "alignkit_score": RewardOutput,
+    "alignkit_experience": object, "alignkit_minibatches": Iterable, "alignkit_loss": LossOutput,
+    "alignkit_after_update": object, "alignkit_metrics": dict,
+}
+
+
 def build_manager(plugins: list[Any]) -> pluggy.PluginManager:
-    """A fresh manager holding the built-in defaults (``trylast``) and the given plugin instances."""
+    """A fresh manager holding the built-in defaults (``trylast``) and the given plugin instances.
+
+    Hooks are called through pluggy (``pm.hook.<name>(**kwargs)``), so wrapper implementations
+    (``@hookimpl(wrapper=True)``) and pluggy's tracing see every call. Each plain implementation is wrapped
+    once here so that an exception or a wrong return type is reported as a :class:`PluginError` naming the
+    plugin and the hook."""
     from alignkit.defaults import DEFAULTS
 
     pm = pluggy.PluginManager(GROUP)
@@ -99,6 +113,11 @@ def build_manager(plugins: list[Any]) -> pluggy.PluginManager:
         pm.check_pending()  # an @hookimpl whose name is no known hook (a typo) is an error
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
+    for hook, caller in vars(pm.hook).items():
+        if isinstance(caller, pluggy.HookCaller):
+            for impl in caller.get_hookimpls():
+                if not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _named_errors(hook, _short(impl.plugin_name), impl.function)
     return pm
 
 
@@ -112,33 +131,49 @@ def _check(hook: str, plugin: str, result: Any, expect: type | tuple[type, ...])
         raise PluginError(f"plugin {plugin} returned {type(result).__name__} from hook {hook}, expected {names}")
 
 
-def call_first(pm: pluggy.PluginManager, hook: str, expect: type | tuple[type, ...], **kwargs) -> Any:
-    """Call a firstresult hook; a failure, a missing answer or a wrong type raises a PluginError naming
-    the plugin and the hook."""
-    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):  # pluggy's call order (LIFO)
-        result = _call(hook, impl, kwargs)
+def _named_errors(hook: str, plugin: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (one plugin's implementation of ``hook``), raising a :class:`PluginError` that names the
+    plugin when it fails or answers with a type the hook does not allow."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = function(*args, **kwargs)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
         if result is not None:
-            _check(hook, _short(impl.plugin_name), result, expect)
-            return result
-    raise PluginError(f"no plugin implements hook {hook}; the selected algorithm must provide it")
+            _check(hook, plugin, result, HOOK_RESULTS.get(hook, object))
+        return result
+
+    return call
 
 
-def call_each(pm: pluggy.PluginManager, hook: str, expect: type | tuple[type, ...], **kwargs) -> list[Any]:
-    """Call every implementation of a hook (in pluggy's order); None answers are skipped."""
-    results = []
-    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
-        result = _call(hook, impl, kwargs)
-        if result is not None:
-            _check(hook, _short(impl.plugin_name), result, expect)
-            results.append(result)
-    return results
+def _candidates(pm: pluggy.PluginManager, hook: str) -> str:
+    impls = [i for i in getattr(pm.hook, hook).get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+    return " or ".join(_short(i.plugin_name) for i in reversed(impls)) or "none"
 
 
-def _call(hook: str, impl, kwargs: dict[str, Any]) -> Any:
-    args = {name: kwargs[name] for name in impl.argnames}  # pluggy passes only the arguments asked for
-    try:
-        return impl.function(**args)
-    except PluginError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"plugin {_short(impl.plugin_name)} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
+def call_first(pm: pluggy.PluginManager, hook: str, expect: type | tuple[type, ...], **kwargs: Any) -> Any:
+    """Call a firstresult hook through pluggy; a failure, a missing answer or a wrong type raises a
+    :class:`PluginError` naming the plugin and the hook."""
+    result = _call(pm, hook, expect, kwargs)
+    if result is None:
+        raise PluginError(f"no plugin implements hook {hook}; the selected algorithm must provide it")
+    return result
+
+
+def call_each(pm: pluggy.PluginManager, hook: str, expect: type | tuple[type, ...], **kwargs: Any) -> list[Any]:
+    """Call every implementation of a hook through pluggy (in its order); None answers are skipped."""
+    return list(_call(pm, hook, expect, kwargs))
+
+
+def _call(pm: pluggy.PluginManager, hook: str, expect: type | tuple[type, ...], kwargs: dict[str, Any]) -> Any:
+    caller = getattr(pm.hook, hook)
+    result = caller(**kwargs)
+    firstresult = bool(caller.spec and caller.spec.opts.get("firstresult"))
+    # What reaches the host, after any wrapper implementation, must be what this call site expects.
+    for item in ([result] if firstresult else result) if result is not None else []:
+        _check(hook, _candidates(pm, hook), item, expect)
+    return result

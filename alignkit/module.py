@@ -37,6 +37,7 @@ from alignkit.ops import unwrap_peft
 from alignkit.plugin import Algorithm, Reward, RewardOutput
 from alignkit.rewards import RunningMoments, combine_rewards, normalize_rewards
 from alignkit.types import LossOutput, Rollout
+from alignkit.errors import NonFiniteError
 
 
 def _loss_scaling(trainer: L.Trainer) -> bool:
@@ -69,10 +70,6 @@ class RewardCombination:
     """``batch``: whiten within each batch; ``running``: divide by running statistics over all steps."""
     clip: float | None = None
     """Clip the combined reward to [-clip, clip] after normalisation."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or reward became NaN/inf; the message names the step and the quantity."""
 
 
 class AlignModule(L.LightningModule):

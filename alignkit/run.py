@@ -37,6 +37,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from alignkit.checkpoint import (LAST_NAME, as_write_failed, fsync_dir, link_atomically, recover_folder,
                                  verify_checkpoint)
 from alignkit.defaults import full_state_dict
+from alignkit.errors import ConfigChangedError, NothingToResumeError, RunExistsError
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -52,18 +53,6 @@ CHANGES_FILE = "resume_changes.jsonl"
 RESUME_IGNORED_KEYS = frozenset({"ckpt_path", "resume", "resume_with_changes", "run_dir", "trainer.default_root_dir",
                                  "keep_checkpoints", "checkpoint_every", "trainer.enable_progress_bar",
                                  "trainer.enable_model_summary"})
-
-
-class RunExistsError(FileExistsError):
-    """The chosen run directory already holds a finished run."""
-
-
-class NothingToResumeError(FileNotFoundError):
-    """``--resume`` was asked for a run directory without a usable checkpoint."""
-
-
-class ConfigChangedError(ValueError):
-    """``--resume`` was given a configuration that differs from the run's ``config.yaml``."""
 
 
 def default_run_dir(recipe: str | None) -> Path:

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from alignkit.errors import DataError
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -31,10 +32,6 @@ PREFERENCE_COLUMNS = {"explicit": ("prompt", "chosen", "rejected"), "implicit": 
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the source, the row or the column at fault."""
 
 
 @dataclass(frozen=True)
