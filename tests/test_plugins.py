@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 from conftest import QUIET, SFT_RECIPE, TINY_MODEL, run_cli
 
@@ -220,4 +221,56 @@ def test_hook_with_a_wrong_argument_fails_at_manager_build():
 def test_missing_loss_hook_is_named():
     pm = build_manager([Silent()])
     with pytest.raises(PluginError, match="alignkit_loss"):
+        call_first(pm, "alignkit_loss", LossOutput, module=None, batch=None)
+
+
+#: Every call the wrapper and the plain counter below saw: ("wrapper", result type) / ("plain", None).
+SEEN: list[tuple[str, str | None]] = []
+
+
+class LossWatcher:
+    """A plugin that only watches: a ``wrapper=True`` implementation around every ``alignkit_loss`` call, and a
+    plain ``tryfirst`` one that counts the calls and returns None (so the algorithm still answers)."""
+
+    @hookimpl(wrapper=True)
+    def alignkit_loss(self, module, batch):
+        result = yield
+        SEEN.append(("wrapper", type(result).__name__))
+        return result
+
+
+class LossCounter:
+    @hookimpl(tryfirst=True)
+    def alignkit_loss(self, module, batch):
+        SEEN.append(("plain", None))
+
+
+def test_a_wrapper_plugin_sees_every_loss_call(tmp_path):
+    """Hooks are called through pluggy, so a ``@hookimpl(wrapper=True)`` plugin given in ``model.plugins`` wraps
+    each ``alignkit_loss`` call of a run (4 training steps) and sees its LossOutput."""
+    SEEN.clear()
+    run_cli(["fit", "--config", SFT_RECIPE, *TINY_MODEL, *QUIET, "--data.init_args.task.init_args.num_train_prompts=50",
+             "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+             f"--model.plugins=[{{class_path: {__name__}.LossWatcher}}, {{class_path: {__name__}.LossCounter}}]",
+             "--run_dir", tmp_path / "run"])
+    wrapped = [kind for who, kind in SEEN if who == "wrapper"]
+    assert wrapped == ["LossOutput"] * 4
+    assert len([who for who, _ in SEEN if who == "plain"]) == 4
+    assert SEEN[0] == ("plain", None) and SEEN[1] == ("wrapper", "LossOutput")  # the wrapper is outside the call
+
+
+def test_a_wrapper_may_not_hand_the_host_a_wrong_type():
+    class Replacing(Algorithm):
+        @hookimpl
+        def alignkit_loss(self, module, batch):
+            return LossOutput(loss=torch.zeros(()), stats={})
+
+    class Spoiler:
+        @hookimpl(wrapper=True)
+        def alignkit_loss(self, module, batch):
+            yield
+            return 1.0
+
+    pm = build_manager([Replacing(), Spoiler()])
+    with pytest.raises(PluginError, match=r"returned float from hook alignkit_loss, expected LossOutput"):
         call_first(pm, "alignkit_loss", LossOutput, module=None, batch=None)
