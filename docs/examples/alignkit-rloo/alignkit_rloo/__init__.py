@@ -14,10 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alignkit.ops import masked_mean
-from alignkit.plugin import OnlineAlgorithm, hookimpl
-from alignkit.rollout import SamplingConfig, response_logprobs
-from alignkit.types import LossOutput, Rollout, TensorRecord
+from alignkit import (LossOutput, OnlineAlgorithm, Rollout, SamplingConfig, TensorRecord, hookimpl, masked_mean,
+                      response_logprobs)
 
 
 def rloo_advantages(rewards: Tensor, k: int) -> Tensor:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.plugin import Algorithm, hookimpl
-from alignkit.types import LossOutput, PreferenceBatch
+from alignkit import Algorithm, LossOutput, PreferenceBatch, hookimpl
 from alignkit_plugins.dpo import concatenated_logps
 
 
