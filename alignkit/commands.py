@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from alignkit.bench import bench
 from alignkit.collect import collect
 from alignkit.compare import compare
 from alignkit.data.formats import DataError
@@ -140,7 +139,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
     return outputs
 
 
-COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate, "compare": compare, "bench": bench}
+COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate, "compare": compare}
 COMMAND_GROUP = "alignkit.commands"
 
 

@@ -1,6 +1,6 @@
 """Render ``alignkit bench`` JSON results as Markdown tables (the tables of ``benchmarks/README.md``).
 
-    python benchmarks/report.py runs/bench/bench-*.json > table.md
+    python -m alignkit_benchmarks.report runs/bench/bench-*.json > table.md
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ def results_table(reports: list[dict]) -> str:
     for report in reports:
         for r in report["results"]:
             if "error" in r:
-                lines.append(f"| {r['size']} | {r['algorithm']} | {r['framework']} | error: {r['error'].splitlines()[-1]} |"
-                             + " |" * 8)
+                error = r["error"].splitlines()[-1]
+                lines.append(f"| {r['size']} | {r['algorithm']} | {r['framework']} | error: {error} |" + " |" * 8)
                 continue
             lines.append(
                 f"| {r['size']} | {r['algorithm']} | {r['framework']} | {_f(r.get('time_per_step_s'), 1e3)} | "
                 f"{_f(r.get('time_per_step_s_cpu'), 1e3)} | {_f(r.get('train_tokens_per_s_cpu'))} | "
                 f"{_f(r.get('gen_tokens_per_s_cpu'))} | {_f(r.get('pad_fraction'), 100, 1)} | "
-                f"{_f(r.get('peak_mem_mb'))} | {_f(r.get('mfu_cpu'), 100, 1)}% | {_f(r.get('mfu_peak_cpu'), 100, 1)}% |")
+                f"{_f(r.get('peak_mem_mb'))} | {_f(r.get('mfu_cpu'), 100, 1)}% | "
+                f"{_f(r.get('mfu_peak_cpu'), 100, 1)}% |")
     return "\n".join(lines)
 
 
@@ -40,7 +41,8 @@ def ratios_table(reports: list[dict]) -> str:
     for report in reports:
         for q in report.get("ratios", []):
             lines.append(f"| {q['size']} | {q['algorithm']} | {q['ours']} | {q['theirs']} | "
-                         f"{_f(q['speedup_cpu'], 1, 2)}× | {_f(q['speedup'], 1, 2)}× | {_f(q['memory_ratio'], 1, 2)}× |")
+                         f"{_f(q['speedup_cpu'], 1, 2)}× | {_f(q['speedup'], 1, 2)}× | "
+                         f"{_f(q['memory_ratio'], 1, 2)}× |")
     return "\n".join(lines)
 
 
@@ -61,7 +63,7 @@ def phases_table(reports: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for report in reports:
         for r in report["results"]:
-            if r.get("algorithm") != "ppo" or "error" in r:
+            if "generated_tokens_per_step" not in r or "error" in r:  # online stages only
                 continue
             p = {k: v * 1e3 for k, v in r.get("phases_cpu_s", {}).items()}
             experience = p.get("experience", p.get("rollout+score+experience", 0.0) - p.get("rollout", 0.0)

@@ -1,5 +1,6 @@
-"""TRL side of ``alignkit bench --compare trl``: the same measurement as :func:`alignkit.bench.run_alignkit`
-with TRL's trainers on the same saved model, data and lengths.
+"""TRL side of ``alignkit bench --compare trl``: the same measurement as
+:func:`alignkit_benchmarks.alignkit_runner.run_alignkit` with TRL's trainers on the same saved model, data and lengths
+(:data:`TRAINERS`: one builder per stage).
 
 ========== ============================ ====================================================
 alignkit   TRL                          configured alike
@@ -23,24 +24,29 @@ no ``input_ids`` for that sampler to measure, so a ``length`` column (prompt + l
 trainer's own token ids) is added to the prepared data set and kept with ``remove_unused_columns=False``
 (the collators read only their own keys). RLOO's prompt sampler (``RepeatSampler``) has no length grouping.
 Data: the sentiment task's synthetic preference pairs written by
-:func:`alignkit.bench.prepare_assets`; TRL concatenates prompt and completion *text*, so completions get a
+:func:`alignkit_benchmarks.assets.prepare_assets`; TRL concatenates prompt and completion *text*, so completions get a
 leading space, which gives exactly the token ids alignkit builds from the separately encoded prompt and
 response (the tiny tokenizer's Metaspace pre-tokeniser starts every word with ``▁``).
 
 Run standalone (the same as ``alignkit bench --compare '[trl]'``)::
 
-    python benchmarks/trl_compare.py --algorithms '[dpo, rm, ppo]' --repeats 3
+    python -m alignkit_benchmarks.trl_compare --algorithms '[dpo, rm, ppo]' --repeats 3
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from alignkit_benchmarks.flops import model_shape
+from alignkit_benchmarks.memory import current_rss, peak_memory
+from alignkit_benchmarks.recorder import StepRecorder
+from alignkit_benchmarks.results import finish_result
+from alignkit_benchmarks.sizes import Workload
+from alignkit_benchmarks.stages import algorithm_class
 
 
 def _rows(path: str) -> list[dict[str, Any]]:
@@ -51,17 +57,77 @@ def _space(text: str) -> str:
     return text if text.startswith(" ") else " " + text
 
 
-def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
-    """One TRL measurement, ``warmup + steps`` optimiser steps of ``spec["algorithm"]``."""
-    import torch
+def _preference_rows(paths: dict[str, str]) -> list[dict[str, str]]:
+    return [{"prompt": r["prompt"], "chosen": _space(r["chosen"]), "rejected": _space(r["rejected"])}
+            for r in _rows(paths["preferences"])]
+
+
+def _sft(trl, work, paths, dtype, tokenizer, common, recorder):
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback, set_seed)
+    from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": _space(r["response"])}
+                              for r in _rows(paths["demonstrations"])])
+    args = trl.SFTConfig(max_length=work.max_length, packing=False, completion_only_loss=True, **common)
+    return trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer), None
+
+
+def _reward(trl, work, paths, dtype, tokenizer, common, recorder):
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, dtype=dtype)
+    args = trl.RewardConfig(max_length=work.max_length, **common)
+    data = Dataset.from_list(_preference_rows(paths))
+    return trl.RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer), None
+
+
+def _dpo(trl, work, paths, dtype, tokenizer, common, recorder):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
+    args = trl.DPOConfig(max_length=work.max_length, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=False,
+                         **common)
+    data = Dataset.from_list(_preference_rows(paths))
+    return trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer), None
+
+
+def _rloo(trl, work, paths, dtype, tokenizer, common, recorder):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if work.batch_size % 2:
+        raise ValueError("RLOO needs an even batch size (2 completions per prompt)")
+    model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, dtype=dtype)
+    data = Dataset.from_list([{"prompt": r["prompt"]} for r in _rows(paths["prompts"])])
+    args = trl.RLOOConfig(num_generations=2, max_completion_length=work.max_new_tokens, steps_per_generation=1,
+                          num_iterations=work.update_epochs, beta=0.05, temperature=1.0, top_p=1.0, top_k=0,
+                          log_completions=False, **common)
+    trainer = trl.RLOOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
+                              processing_class=tokenizer, reward_processing_classes=[tokenizer])
+    _instrument_rloo(trainer, recorder)
+    return trainer, model_shape(reward)
+
+
+#: Per stage of :data:`alignkit_benchmarks.stages.STAGES`: the builder of its TRL counterpart, returning the trainer
+#: and the reward model's shape (online stages). Whether a stage is online and what data it reads come from its
+#: algorithm class (``online``, ``data_kind``).
+TRAINERS = {"sft": _sft, "rm": _reward, "dpo": _dpo, "ppo": _rloo}
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    """One TRL measurement, ``warmup + steps`` optimiser steps of the TRL counterpart of ``spec["algorithm"]``."""
+    import torch
     import trl
-    from alignkit.bench import StepRecorder, Workload, current_rss, finish_result, model_shape, peak_rss
+    from transformers import AutoTokenizer, TrainerCallback, set_seed
 
-    algorithm, work, paths = spec["algorithm"], Workload(**spec["workload"]), spec["paths"]
+    stage, work, paths = spec["algorithm"], Workload(**spec["workload"]), spec["paths"]
+    if stage not in TRAINERS:
+        raise ValueError(f"stage {stage!r} has no TRL counterpart; known: {', '.join(TRAINERS)}")
+    algorithm = algorithm_class(stage)
     device = spec["device"]
     set_seed(spec["seed"])
     recorder = StepRecorder(device)
@@ -77,47 +143,14 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                   bf16=spec.get("precision") == "bf16-mixed",
                   fp16=False, gradient_checkpointing=False, use_cpu=not device.startswith("cuda"), disable_tqdm=True,
                   seed=spec["seed"], dataloader_num_workers=0)
-    grouped = bool(spec.get("group_by_length")) and algorithm != "ppo"
-    if grouped:
-        common.update(train_sampling_strategy="group_by_length", remove_unused_columns=algorithm == "sft")
-    rm_shape = None
-    if algorithm == "dpo":
-        model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
-        data = Dataset.from_list([{"prompt": r["prompt"], "chosen": _space(r["chosen"]),
-                                   "rejected": _space(r["rejected"])} for r in _rows(paths["preferences"])])
-        args = trl.DPOConfig(max_length=work.max_length, beta=0.1, loss_type=["sigmoid"],
-                             precompute_ref_log_probs=False, **common)
-        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    elif algorithm == "rm":
-        model = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, dtype=dtype)
-        data = Dataset.from_list([{"prompt": r["prompt"], "chosen": _space(r["chosen"]),
-                                   "rejected": _space(r["rejected"])} for r in _rows(paths["preferences"])])
-        args = trl.RewardConfig(max_length=work.max_length, **common)
-        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    elif algorithm == "sft":
-        model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
-        data = Dataset.from_list([{"prompt": r["prompt"], "completion": _space(r["response"])}
-                                  for r in _rows(paths["demonstrations"])])
-        args = trl.SFTConfig(max_length=work.max_length, packing=False, completion_only_loss=True, **common)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    elif algorithm == "ppo":
-        if work.batch_size % 2:
-            raise ValueError("RLOO needs an even batch size (2 completions per prompt)")
-        model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=dtype)
-        reward = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, dtype=dtype)
-        rm_shape = model_shape(reward)
-        data = Dataset.from_list([{"prompt": r["prompt"]} for r in _rows(paths["prompts"])])
-        args = trl.RLOOConfig(num_generations=2, max_completion_length=work.max_new_tokens, steps_per_generation=1,
-                              num_iterations=work.update_epochs, beta=0.05, temperature=1.0, top_p=1.0, top_k=0,
-                              log_completions=False, **common)
-        trainer = trl.RLOOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
-                                  processing_class=tokenizer, reward_processing_classes=[tokenizer])
-        _instrument_rloo(trainer, recorder)
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}")
-    if grouped and algorithm in ("rm", "dpo"):
+    grouped = bool(spec.get("group_by_length")) and not algorithm.online  # RLOO's sampler has no length grouping
+    pairs = algorithm.data_kind == "preference"
+    if grouped:  # pairs: keep the `length` column added below (the collators read only their own keys)
+        common.update(train_sampling_strategy="group_by_length", remove_unused_columns=not pairs)
+    trainer, rm_shape = TRAINERS[stage](trl, work, paths, dtype, tokenizer, common, recorder)
+    if grouped and pairs:
         _add_length_column(trainer)
-    if algorithm != "ppo":
+    if not algorithm.online:
         _instrument_offline(trainer, recorder)
 
     class Timer(TrainerCallback):
@@ -132,13 +165,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.train()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if device.startswith("cuda"):
-        peak = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, "memory_kind": "cuda max_memory_allocated"}
-    else:
-        peak = {"peak_mem_mb": max(peak_rss() - rss0, 0) / 2**20, "peak_rss_mb": peak_rss() / 2**20,
-                "memory_kind": "max RSS growth above the post-import RSS"}
     shape = model_shape(trainer.model)
-    result = {**recorder.summary(spec["warmup"]), **peak, "trl": trl.__version__,
+    result = {**recorder.summary(spec["warmup"]), **peak_memory(device, rss0), "trl": trl.__version__,
               "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                                 else trainer.optimizer).__name__}
     return finish_result(spec, result, shape, rm_shape)
@@ -193,14 +221,14 @@ def _instrument_rloo(trainer, recorder) -> None:
         with recorder.phase("score"):
             return rewards(*args, **kwargs)
 
-    trainer._prepare_inputs, trainer._generate, trainer._calculate_rewards = timed_prepare, timed_generate, timed_rewards
+    trainer._prepare_inputs, trainer._generate = timed_prepare, timed_generate
+    trainer._calculate_rewards = timed_rewards
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from jsonargparse import CLI
 
-    from alignkit.bench import bench
+    from alignkit_benchmarks.command import bench
 
     def main(algorithms: list[str] = ["dpo", "rm", "ppo"], repeats: int = 3, steps: int = 5, warmup: int = 2,
              group_by_length: bool = True, output: str | None = None, smoke: bool = False) -> None:

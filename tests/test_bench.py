@@ -8,7 +8,16 @@ import math
 
 import pytest
 
-from alignkit.bench import ModelShape, Workload, aggregate, bench, ModelSize, ratios, step_flops
+from alignkit.models import TinyModelConfig
+from alignkit_benchmarks.command import bench
+from alignkit_benchmarks.flops import ModelShape, step_flops
+from alignkit_benchmarks.results import aggregate, ratios
+from alignkit_benchmarks.sizes import PRESETS, Size, Workload
+
+
+def tiny_size(name: str, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> Size:
+    return Size(name, TinyModelConfig(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                      intermediate_size=intermediate_size))
 
 
 def test_smoke_bench_reports_every_stage(tmp_path, capsys):
@@ -30,11 +39,13 @@ def test_smoke_bench_reports_every_stage(tmp_path, capsys):
 
 
 def test_bench_is_a_typed_command(tmp_path, monkeypatch):
-    """Registered in the command table, ``bench`` parses its options like every other command
-    (``alignkit bench --smoke=true ...``); the benchmark itself is replaced by a recorder here."""
+    """Registered in the ``alignkit.commands`` entry-point group, ``bench`` parses its options like every other
+    command (``alignkit bench --smoke=true ...``); the benchmark itself is replaced by a recorder here."""
     import functools
 
     from alignkit import commands
+
+    assert commands.available()["bench"] is bench
 
     calls: dict = {}
 
@@ -43,10 +54,10 @@ def test_bench_is_a_typed_command(tmp_path, monkeypatch):
         calls.update(kwargs)
 
     monkeypatch.setitem(commands.COMMANDS, "bench", recorder)
-    commands.run("bench", ["--smoke=true", "--algorithms=[dpo, ppo]", "--sizes=[{name: s, hidden_size: 32, "
-                           "num_layers: 2, num_heads: 2, intermediate_size: 64}]", "--workload.batch_size=8",
+    commands.run("bench", ["--smoke=true", "--algorithms=[dpo, ppo]", "--sizes=[{name: s, model: {hidden_size: 32, "
+                           "num_layers: 2, num_heads: 2, intermediate_size: 64}}, 25M-v32k]", "--workload.batch_size=8",
                            "--compare=[trl]", "--group_by_length=false", f"--output={tmp_path / 'x.json'}"])
-    assert calls["algorithms"] == ["dpo", "ppo"] and calls["sizes"] == [ModelSize("s", 32, 2, 2, 64)]
+    assert calls["algorithms"] == ["dpo", "ppo"] and calls["sizes"] == [tiny_size("s", 32, 2, 2, 64), "25M-v32k"]
     assert calls["workload"] == Workload(batch_size=8) and calls["compare"] == ["trl"] and calls["smoke"] is True
     assert calls["group_by_length"] is False
 
@@ -109,7 +120,7 @@ def test_flop_formulas():
 
 
 def test_aggregate_takes_medians_and_ratios_compare_frameworks():
-    size = ModelSize("s", 32, 2, 2, 64)
+    size = tiny_size("s", 32, 2, 2, 64)
     runs = [{"time_per_step_s": t, "train_tokens_per_s": 100 / t, "peak_mem_mb": 10.0, "flops_per_s": 1e9,
              "median": {"time/step": t}} for t in (1.0, 3.0, 2.0)]
     ours = aggregate(size, "dpo", "alignkit", runs, peak_flops=1e10)
@@ -140,7 +151,7 @@ def test_bf16_mixed_reaches_both_trainers(tmp_path, monkeypatch):
         bf16.append(self.bf16)
         args_init(self)
 
-    import alignkit.bench as ab
+    import alignkit_benchmarks.roofline as ab
 
     time_matmul = ab.time_matmul
     monkeypatch.setattr(L.Trainer, "__init__", trainer_init)
@@ -151,3 +162,39 @@ def test_bf16_mixed_reaches_both_trainers(tmp_path, monkeypatch):
     assert all("error" not in r for r in report["results"]), [r.get("error") for r in report["results"]]
     assert precisions == ["bf16-mixed"] and bf16 and all(bf16) and report["config"]["precision"] == "bf16-mixed"
     assert rooflines and set(rooflines) == {"bfloat16"}
+
+
+def test_hook_timer_times_every_loss_call(tmp_path):
+    """The timing wrapper plugin (``@hookimpl(wrapper=True)``, given through ``AlignModule(plugins=...)``) sees
+    every call of every hook: one time per ``alignkit_loss`` call of a tiny run."""
+    import lightning as L
+
+    from alignkit import hookimpl
+    from alignkit.data import SFTData
+    from alignkit.models import ModelConfig
+    from alignkit.module import AlignModule
+    from alignkit_benchmarks.assets import prepare_assets
+    from alignkit_benchmarks.hook_timer import HookTimer
+    from alignkit_plugins.sft import SFT
+
+    class LossCounter:
+        calls = 0
+
+        @hookimpl(tryfirst=True)
+        def alignkit_loss(self):  # answers None: the algorithm computes the loss
+            self.calls += 1
+
+    work = Workload(batch_size=4, max_length=32, max_prompt_length=16, num_pairs=16)
+    paths = prepare_assets(tmp_path / "assets", PRESETS["smoke"], work)
+    timer, counter = HookTimer(), LossCounter()
+    module = AlignModule(algorithm=SFT(), policy=ModelConfig(name_or_path=paths["policy"]), plugins=[timer, counter])
+    data = SFTData(path=paths["demonstrations"], batch_size=4, max_length=32, val_fraction=0.0)
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert counter.calls == 4  # 2 optimiser steps × 2 accumulated batches
+    times = timer.calls["alignkit_loss"]
+    assert len(times) == counter.calls and all(wall > 0 and cpu >= 0 for wall, cpu in times)
+    assert timer.totals()["alignkit_loss"]["calls"] == 4 and len(timer.calls["alignkit_configure"]) == 1
+    assert "alignkit_rollout" not in timer.calls  # an offline run samples nothing

@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-ROOTS = {"alignkit": "alignkit", "plugins": "alignkit_plugins"}  # folder -> import name
+# folder -> import name
+ROOTS = {"alignkit": "alignkit", "plugins": "alignkit_plugins", "benchmarks": "alignkit_benchmarks"}
 
 
 def package_folders() -> list[str]:
@@ -41,7 +42,8 @@ def test_every_package_folder_is_listed():
 
 
 def test_package_dir_maps_plugins_to_alignkit_plugins():
-    assert PYPROJECT["tool"]["setuptools"]["package-dir"] == {"alignkit": "alignkit", "alignkit_plugins": "plugins"}
+    assert PYPROJECT["tool"]["setuptools"]["package-dir"] == {"alignkit": "alignkit", "alignkit_plugins": "plugins",
+                                                              "alignkit_benchmarks": "benchmarks"}
     assert importlib.import_module("alignkit_plugins").__file__.startswith(str(REPO / "plugins"))
 
 
