@@ -3,8 +3,8 @@
 PyTorch's CPU allocator asks glibc's ``malloc`` for every tensor and frees it straight back. glibc returns large
 blocks to the operating system: blocks above its mmap threshold are unmapped on ``free``, and free memory at the
 top of the heap beyond its trim threshold is released. The next step's tensors of the same sizes (activations,
-bf16 weight casts, gradients) then land on new pages, and the kernel faults in and zeroes each 4 KiB page again:
-~50,000 faults per step for a 25M-parameter PPO iteration, 10–15 % of its CPU time (``benchmarks/README.md``).
+bf16 weight casts, gradients) then land on new pages, and the kernel faults in and zeroes each 4 KiB page again,
+a sizeable part of a CPU step's time (measured: see benchmarks/README.md#cpu-memory).
 
 Setting both thresholds high, and letting no block be mapped on its own (blocks above the 32 MiB cap of the mmap
 threshold, such as a 32k-vocabulary logits tensor or a dense embedding gradient, would be mapped and unmapped at

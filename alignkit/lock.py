@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
 from alignkit.errors import RunLockedError
 
 try:

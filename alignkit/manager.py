@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import pluggy
 
 from alignkit import hookspecs
+from alignkit.errors import PluginError
 from alignkit.plugin import Algorithm, Reward, RewardOutput
 from alignkit.types import LossOutput, Rollout
-from alignkit.errors import PluginError
 
 GROUP = "alignkit"
 
@@ -117,7 +117,8 @@ def build_manager(plugins: list[Any]) -> pluggy.PluginManager:
         if isinstance(caller, pluggy.HookCaller):
             for impl in caller.get_hookimpls():
                 if not (impl.wrapper or impl.hookwrapper):
-                    impl.function = _named_errors(hook, _short(impl.plugin_name), impl.function)
+                    # pluggy marks HookImpl.function Final; replacing it is how the wrapper reaches every call
+                    impl.function = _named_errors(hook, _short(impl.plugin_name), impl.function)  # type: ignore[misc]
     return pm
 
 

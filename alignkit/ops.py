@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 #: A reduction of a tensor across data-parallel ranks (e.g. all-reduce sum); identity on one process.
 Reduce = Callable[[Tensor], Tensor]
@@ -95,7 +99,9 @@ def first_target_column(mask: Tensor) -> int:
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (its adapters stay active), or ``model`` itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(model, "get_base_model"):  # a peft wrapper (nn.Module types its attributes as Tensor | Module)
+        return cast("PeftModel", model).get_base_model()
+    return model
 
 
 def accepts_argument(model: torch.nn.Module, argument: str) -> bool:
@@ -149,8 +155,9 @@ def cached_autocast(device_type: str) -> Iterator[None]:
 def training_attention(device_type: str, dtype: torch.dtype) -> Iterator[None]:
     """The attention kernel for a training forward: on CPU with a 16-bit compute ``dtype`` (autocast or 16-bit
     weights), ``scaled_dot_product_attention``'s math kernel instead of the flash-attention one, whose CPU
-    backward in bfloat16 is 4-6x slower (torch 2.13, one thread, ``(16, 6, 29, 64)``: 6.4 ms vs 1.7 ms; its
-    forward is ~10 % faster). The choice is made at the forward, whose backward follows it. Elsewhere: unchanged.
+    backward in bfloat16 is several times slower (its forward slightly faster; measured: see
+    benchmarks/README.md#cpu-attention-in-bf16). The choice is made at the forward, whose backward follows it.
+    Elsewhere: unchanged.
     """
     if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         yield

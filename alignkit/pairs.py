@@ -57,7 +57,8 @@ class SharedPromptPairs(TensorRecord):
         allowed = allowed[:, None]
         if implementation == "sdpa":
             return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
 
     def attention_mask_for(self, model: torch.nn.Module) -> Tensor:
         """:meth:`attention_mask` in the form ``model``'s attention implementation and parameter dtype need."""

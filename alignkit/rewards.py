@@ -133,9 +133,8 @@ class RunningMoments:
         n_b = values.numel()
         if n_b == 0:
             return
-        mean_b = values.mean()
-        m2_b = ((values - mean_b) ** 2).sum()
-        mean_b, m2_b = mean_b.item(), m2_b.item()
+        batch_mean = values.mean()
+        mean_b, m2_b = batch_mean.item(), ((values - batch_mean) ** 2).sum().item()
         if not (math.isfinite(mean_b) and math.isfinite(m2_b)):
             raise ValueError("RunningMoments.update got non-finite scores (nan or inf)")
         n = self.count + n_b
@@ -193,6 +192,7 @@ def normalize_rewards(
     if method == "batch":
         scores = masked_whiten(scores, torch.ones_like(scores))
     elif method == "running":
+        assert running is not None  # checked above
         running.update(scores)
         scores = running.normalize(scores)
     if clip is not None:

@@ -145,9 +145,9 @@ def top_p_filter(logits: Tensor, top_p: float, candidates: int = 256) -> Tensor:
     reaches ``top_p``.
 
     Rows whose ``candidates`` most likely tokens already reach ``top_p`` (a peaked distribution, the usual case)
-    are filtered from a ``topk`` of those tokens instead of a sort of the whole vocabulary (16 × 32k, one CPU
-    thread: 4 ms instead of 42 ms per decoding step); only the other rows are sorted whole (when every row is
-    flat, 9–19 % slower than sorting alone). Both paths keep the same tokens up to float rounding of the
+    are filtered from a ``topk`` of those tokens instead of a sort of the whole vocabulary (much faster per decoding
+    step); only the other rows are sorted whole (when every row is flat, somewhat slower than sorting alone;
+    measured: see benchmarks/README.md#top-p-filtering). Both paths keep the same tokens up to float rounding of the
     cumulative sum at the nucleus boundary.
     """
     k = min(candidates, logits.shape[-1])

@@ -111,7 +111,8 @@ class StopOnSignal(L.Callback):
         if self.stop_now(trainer):  # signalled during start-up: nothing new to save
             raise self._preempted(trainer)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self.stopping:
             raise self._preempted(trainer)
 
@@ -128,7 +129,8 @@ class StopOnSignal(L.Callback):
 
 def stop_requested(trainer: L.Trainer) -> bool:
     """Whether the trainer's :class:`StopOnSignal` decided to stop at the end of this training batch."""
-    for callback in trainer.callbacks:
+    # Lightning's callback connector sets Trainer.callbacks (a list of Callback) without declaring it on the class
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, StopOnSignal):
             return callback.stop_now(trainer)
     return False

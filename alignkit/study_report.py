@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alignkit import stats
 from alignkit.run import atomic_write_json
@@ -213,7 +213,8 @@ def markdown(study: dict[str, Any]) -> str:
     lines = [f"# Study `{head['name']}`", "",
              f"- command: `{head.get('command') or 'alignkit study'}`",
              f"- date: {head['date']}; machine: {head['machine']}; wall time {head['wall_time_s']:.0f} s "
-             f"({head['executor']} executor, {head['workers']} workers, {head['threads_per_worker']} torch thread(s) each)",
+             f"({head['executor']} executor, {head['workers']} workers, "
+             f"{head['threads_per_worker']} torch thread(s) each)",
              f"- seeds: {', '.join(str(s) for s in head['seeds'])}; intervals are 95 % percentile-bootstrap CIs "
              f"over seeds; methods of one seed share their upstream stages, so differences are paired.", ""]
     lines += ["## Final gold reward", ""]
@@ -243,7 +244,10 @@ def markdown(study: dict[str, Any]) -> str:
             cells = []
             for b in budgets:
                 e = (m.get("matched_kl") or {}).get(b)
-                cells.append("-" if not e or not e["n"] else f"{_ci(e['gold_mean'], e['ci_low'], e['ci_high'])} ({e['n']})")
+                if not e or not e["n"]:
+                    cells.append("-")
+                else:
+                    cells.append(f"{_ci(e['gold_mean'], e['ci_low'], e['ci_high'])} ({e['n']})")
             rows.append([name, *cells])
         lines += [""] + _table(["method", *(f"KL = {b}" for b in budgets)], rows)
     fits = [(n, m["fit"]) for n, m in agg["methods"].items() if m.get("fit")]
@@ -293,8 +297,11 @@ def plot_gold_vs_kl(study: dict[str, Any], path: Path, attr: str = "gold") -> No
     two seeds reached that KL), each run's trajectory read at a common grid of KL values; the fitted Gao form
     (plus the mean starting gold) as a dashed line; single points as markers with CI bars."""
     from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
 
-    colors = colormaps["tab10"].colors
+    tab10 = colormaps["tab10"]
+    assert isinstance(tab10, ListedColormap)  # a qualitative map: a list of colours
+    colors = cast("tuple[tuple[float, float, float], ...]", tab10.colors)  # matplotlib types it as any ArrayLike
     fig, ax = _figure()
     for i, name in enumerate(study["aggregates"]["methods"]):
         ok = [c for c in _ok(study["cells"], name) if all(p.get(attr) is not None for p in c["trajectory"])]
@@ -305,17 +312,22 @@ def plot_gold_vs_kl(study: dict[str, Any], path: Path, attr: str = "gold") -> No
             values = [c["trajectory"][0][attr] for c in ok]
             x = _mean([math.sqrt(max(c["trajectory"][0]["kl"], 0.0)) for c in ok])
             ci = stats.mean_ci(values, n_resamples=2000)
-            err = [[ci.estimate - ci.low], [ci.high - ci.estimate]] if ci.low is not None else None
+            err = ([[ci.estimate - ci.low], [ci.high - ci.estimate]]
+                   if ci.low is not None and ci.high is not None else None)  # both or neither are None
             ax.errorbar([x], [ci.estimate], yerr=err, fmt="o", color=color, capsize=4, label=f"{name} (n={len(ok)})")
             continue
         grid = _grid(ok)
         xs, mean, low, high = [], [], [], []
         for kl in grid:
-            values = [v for v in (stats.matched_kl([p["kl"] for p in c["trajectory"]], [p[attr] for p in c["trajectory"]],
-                                                   [kl])[0] for c in ok) if v is not None]
+            at_kl = (stats.matched_kl([p["kl"] for p in c["trajectory"]], [p[attr] for p in c["trajectory"]], [kl])[0]
+                     for c in ok)
+            values = [v for v in at_kl if v is not None]
             if len(values) >= 2:
                 ci = stats.mean_ci(values, n_resamples=2000)
-                xs.append(math.sqrt(max(kl, 0.0))), mean.append(ci.estimate), low.append(ci.low), high.append(ci.high)
+                xs.append(math.sqrt(max(kl, 0.0)))
+                mean.append(ci.estimate)
+                low.append(ci.low)
+                high.append(ci.high)
         if xs:
             ax.plot(xs, mean, color=color, label=f"{name} (n={len(ok)})")
             ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
@@ -340,7 +352,8 @@ def plot_final_gold(study: dict[str, Any], path: Path) -> None:
     names = [n for n, m in study["aggregates"]["methods"].items() if m["n_seeds"]]
     for i, name in enumerate(names):
         m = study["aggregates"]["methods"][name]
-        err = [[m["gold_mean"] - m["gold_ci_low"]], [m["gold_ci_high"] - m["gold_mean"]]] if m["gold_ci_low"] is not None else None
+        err = ([[m["gold_mean"] - m["gold_ci_low"]], [m["gold_ci_high"] - m["gold_mean"]]]
+               if m["gold_ci_low"] is not None else None)
         ax.bar([i], [m["gold_mean"]], yerr=err, capsize=6, alpha=0.6)
         seeds = [c["final"]["gold"] for c in _ok(study["cells"], name)]
         ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
@@ -358,7 +371,8 @@ def write_report(root: Path, header: dict[str, Any], cells: list[dict[str, Any]]
                  kl_budgets: list[float] | None = None, wandb: bool = False) -> dict[str, Any]:
     """Aggregate ``cells`` and write ``study.json``, ``report.md`` and the plots to ``root`` (and, with ``wandb``,
     one offline wandb run of job type ``study`` in the study's group); print the report; return the study."""
-    study = {"study": header, "cells": cells, "aggregates": aggregate(cells, header["methods"], kl_budgets)}
+    study: dict[str, Any] = {"study": header, "cells": cells,
+                             "aggregates": aggregate(cells, header["methods"], kl_budgets)}
     # the flat per-method entries (`methods.<name>.gold_mean`, ...) and the pairs at the top level
     study["methods"], study["pairs"] = study["aggregates"]["methods"], study["aggregates"]["pairs"]
     study["claims"] = evaluate_claims(header.get("claims") or [], cells, study["aggregates"])
@@ -390,12 +404,14 @@ def log_to_wandb(root: Path, study: dict[str, Any], plots: list[str]) -> None:
     run = wandb.init(project="alignkit", group=name, job_type="study", name=f"{name}/study", dir=str(root),
                      mode="offline", config=study["study"]["config"], reinit="finish_previous")
     try:
-        columns = ["method", "n_seeds", "gold_mean", "gold_ci_low", "gold_ci_high", "kl_mean", "proxy_mean"]
+        columns: list[str | int] = ["method", "n_seeds", "gold_mean", "gold_ci_low", "gold_ci_high", "kl_mean",
+                                    "proxy_mean"]
         rows = [[n, *(m.get(c) for c in columns[1:])] for n, m in study["methods"].items()]
         pairs = [[p, v["n"], v["difference"], v["ci_low"], v["ci_high"], v["probability_of_improvement"]]
                  for p, v in study["pairs"].items()]
         run.log({"study/methods": wandb.Table(columns=columns, data=rows),
-                 "study/pairs": wandb.Table(columns=["pair", "n", "difference", "ci_low", "ci_high", "poi"], data=pairs),
+                 "study/pairs": wandb.Table(columns=["pair", "n", "difference", "ci_low", "ci_high", "poi"],
+                                            data=pairs),
                  **{f"study/{Path(p).stem}": wandb.Image(str(root / p)) for p in plots}})
         for n, m in study["methods"].items():
             for key in ("gold_mean", "gold_ci_low", "gold_ci_high", "kl_mean"):

@@ -19,13 +19,13 @@ import argparse
 import inspect
 import re
 import sys
-import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
 from jsonargparse._optionals import get_docstring_parse_options
@@ -171,8 +171,8 @@ def generate() -> str:
     from alignkit.cli import AlignCLI
     from alignkit.commands import COMMANDS, Stage
     from alignkit.data.modules import AlignData
-    from alignkit.manager import plugin_kind
     from alignkit.gold_eval import GoldEval
+    from alignkit.manager import plugin_kind
     from alignkit.module import AlignModule
     from alignkit.study import Claim, Method, StudyEvaluation, study
 
@@ -212,12 +212,16 @@ def generate() -> str:
         for name in sorted(data_modules.__all__):
             cls = getattr(data_modules, name)
             if inspect.isclass(cls) and issubclass(cls, AlignData) and not inspect.isabstract(cls):
-                out += component(name, f"alignkit.data.{name}", cls, class_options(cls), f"batches of kind `{cls.kind}`")
+                out += component(name, f"alignkit.data.{name}", cls, class_options(cls),
+                                 f"batches of kind `{cls.kind}`")
 
-        out += ["## Commands", "", "`alignkit <command> --option=value ...`, or the same options in a YAML file given with `--config`.", ""]
+        out += ["## Commands", "",
+                "`alignkit <command> --option=value ...`, or the same options in a YAML file given with `--config`.",
+                ""]
         for name, function in {**COMMANDS, "study": study}.items():
             out += [f"### alignkit {name}", "", summary(function), "", *table(function_options(function)), ""]
-        out += ["A pipeline stage (`stages:` items, and a study's `upstream:` items):", "", *table(class_options(Stage)), ""]
+        out += ["A pipeline stage (`stages:` items, and a study's `upstream:` items):", "",
+                *table(class_options(Stage)), ""]
         out += ["A study method (`methods:` items):", "", *table(class_options(Method)), ""]
         out += ["A study's yardstick (`evaluation:`):", "", *table(class_options(StudyEvaluation)), ""]
         out += ["A study claim (`claims:` items):", "", *table(class_options(Claim)), ""]

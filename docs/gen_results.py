@@ -47,9 +47,10 @@ def section(study: dict) -> str:
                   "|---|---:|---:|---:|"]
         order = {name: i for i, name in enumerate(head["methods"])}
         for pair, p in sorted(study["pairs"].items(), key=lambda kv: (order[kv[1]["a"]], order[kv[1]["b"]])):
-            lines.append(f"| {pair.replace(' - ', ' − ')} | {p['n']} | {ci(p['difference'], p['ci_low'], p['ci_high'])} | "
+            lines.append(f"| {pair.replace(' - ', ' − ')} | {p['n']} | "
+                         f"{ci(p['difference'], p['ci_low'], p['ci_high'])} | "
                          f"{ci(p['probability_of_improvement'], p['poi_ci_low'], p['poi_ci_high'], '.2f')} |")
-    lines += ["", f"(best-of-n: at its largest n; made by `python docs/gen_results.py <run_dir>/study.json`)", "", END]
+    lines += ["", "(best-of-n: at its largest n; made by `python docs/gen_results.py <run_dir>/study.json`)", "", END]
     return "\n".join(lines)
 
 

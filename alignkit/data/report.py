@@ -142,8 +142,10 @@ class DataReport:
         lines = [f"data: {self.source} ({self.kind}{fmt}): {self.rows} rows read -> {used}, "
                  f"{s.dropped} dropped{f' ({dropped})' if dropped else ''}"]
         lengths = self.lengths()
-        limits = {"prompt": ("max_prompt_length", self.max_prompt_length, s.prompt_truncated),
-                  "total": ("max_length", self.max_length, s.truncated)}
+        limits: dict[str, tuple[str, int | None, int]] = {
+            "prompt": ("max_prompt_length", self.max_prompt_length, s.prompt_truncated),
+            "total": ("max_length", self.max_length, s.truncated),
+        }
         for name, cut in zip(self.responses, s.responses_truncated):
             limits[name] = ("", None, cut)
         width = max(len(name) for name in ["tokens", *lengths])

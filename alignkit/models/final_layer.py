@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,37 @@ _LAYERS_RETURN_TENSORS = int(transformers.__version__.split(".")[0]) >= 5  # the
 #: The keywords under which a decoder layer may get the KV cache: ``cache`` from transformers 5.24 on (which deprecates
 #: the other), ``past_key_values`` before.
 CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+class _Attention(Protocol):
+    """What :func:`_forward_at` reads of a supported layer's ``self_attn`` (``LlamaAttention`` and its kin)."""
+
+    config: transformers.PretrainedConfig
+    head_dim: int
+    attention_dropout: float
+    scaling: float
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+
+
+class _QKNormAttention(_Attention, Protocol):
+    """Qwen3's attention, which also normalises each head's query and key."""
+
+    q_norm: nn.Module
+    k_norm: nn.Module
+
+
+class _DecoderLayer(Protocol):
+    """What :func:`_forward_at` reads of a decoder layer of :data:`SUPPORTED_LAYERS` (``nn.Module`` types its
+    submodules as ``Tensor | Module``)."""
+
+    training: bool
+    self_attn: _Attention
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
 
 
 def final_decoder_layer(model: nn.Module) -> nn.Module | None:
@@ -79,7 +110,7 @@ def final_layer_at(model: nn.Module, columns: Tensor | int) -> Iterator[bool]:
     full_forward = layer.forward
 
     def forward_at_columns(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return _forward_at(layer, full_forward, columns, hidden_states, *args, **kwargs)
+        return _forward_at(cast(_DecoderLayer, layer), full_forward, columns, hidden_states, *args, **kwargs)
 
     layer.forward = forward_at_columns
     try:
@@ -107,7 +138,7 @@ def _read_index(columns: Tensor | int, batch: int, length: int, device: torch.de
     return index[:, None] if index.dim() == 1 else index
 
 
-def _forward_at(layer: nn.Module, full_forward, columns: Tensor | int, hidden_states: Tensor,
+def _forward_at(layer: _DecoderLayer, full_forward, columns: Tensor | int, hidden_states: Tensor,
                 attention_mask: Tensor | None = None, *, position_embeddings: tuple[Tensor, Tensor] | None = None,
                 **kwargs: Any) -> Tensor:
     """The decoder layer's output at the read columns, ``(B, T, H) -> (B, K, H)``. A forward the shortcut does not
@@ -131,7 +162,8 @@ def _forward_at(layer: nn.Module, full_forward, columns: Tensor | int, hidden_st
     key = attn.k_proj(normed).view(B, T, -1, head_dim)  # (B, T, kv_heads, d)
     value = attn.v_proj(normed).view(B, T, -1, head_dim).transpose(1, 2)  # (B, kv_heads, T, d)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key
-        query, key = attn.q_norm(query), attn.k_norm(key)
+        qk_norm = cast(_QKNormAttention, attn)
+        query, key = qk_norm.q_norm(query), qk_norm.k_norm(key)
     cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (B, T, d)
     query = _rotate(query.transpose(1, 2), cos[rows, index], sin[rows, index])  # (B, heads, K, d)
     key = _rotate(key.transpose(1, 2), cos, sin)  # (B, kv_heads, T, d)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from transformers import (
 from alignkit.models.final_layer import final_layer_at
 from alignkit.models.tiny import TinyModelConfig, build_tiny_model, init_seed
 from alignkit.ops import accepts_argument, unwrap_peft
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 ModelHead = Literal["causal_lm", "sequence_classification"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,8 +71,9 @@ def _source(cfg: ModelConfig) -> str:
     return str(Path(name).expanduser()) if looks_local else name
 
 
-def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (or build) a model with the requested head, and its tokenizer."""
+def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
+    """Load (or build) a model with the requested head, and its tokenizer (the model in a peft wrapper with
+    ``cfg.lora``)."""
     if cfg.quantization is not None:
         model, tokenizer = _load_quantized(cfg, head)
     elif cfg.name_or_path == "tiny":
@@ -90,7 +94,8 @@ def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreT
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
         except OSError as exc:
-            raise OSError(f"model name_or_path {cfg.name_or_path!r} could not be loaded: {str(exc).splitlines()[0]}") from exc
+            raise OSError(f"model name_or_path {cfg.name_or_path!r} could not be loaded: "
+                          f"{str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -99,11 +104,11 @@ def load_model(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel, PreT
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
-        model.to(DTYPES[cfg.dtype])
+        cast(nn.Module, model).to(DTYPES[cfg.dtype])  # transformers' @wraps(nn.Module.to) hides the method from mypy
         if cfg.gradient_checkpointing:  # transformers 5 renamed it (the old name warns)
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     if cfg.lora is not None:
-        model = _add_lora(model, cfg.lora, head)
+        return _add_lora(model, cfg.lora, head), tokenizer
     return model, tokenizer
 
 
@@ -116,7 +121,8 @@ def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel,
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError(f"model.quantization={cfg.quantization!r} needs bitsandbytes (pip install bitsandbytes)") from None
+        raise ValueError(f"model.quantization={cfg.quantization!r} needs bitsandbytes "
+                         f"(pip install bitsandbytes)") from None
     from transformers import BitsAndBytesConfig
 
     dtype = DTYPES[cfg.dtype]
@@ -140,7 +146,7 @@ def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel,
     return model, tokenizer
 
 
-def _add_lora(model: PreTrainedModel, lora: LoraSettings, head: ModelHead) -> nn.Module:
+def _add_lora(model: PreTrainedModel, lora: LoraSettings, head: ModelHead) -> PeftModel:
     from peft import LoraConfig, TaskType, get_peft_model
 
     task_type = TaskType.CAUSAL_LM if head == "causal_lm" else TaskType.SEQ_CLS
@@ -183,8 +189,11 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     base = unwrap_peft(model)
     head = getattr(base, "score", None)
     if isinstance(head, nn.Module):
-        backbone = getattr(base, base.base_model_prefix)
-        extra = {"use_cache": False} if accepts_argument(backbone, "use_cache") else {}  # no KV cache to build
+        prefix = cast(str, base.base_model_prefix)  # a PreTrainedModel's (nn.Module types it as Tensor | Module)
+        backbone = getattr(base, prefix)
+        extra: dict[str, bool | Tensor] = {}
+        if accepts_argument(backbone, "use_cache"):
+            extra["use_cache"] = False  # no KV cache to build
         if position_ids is not None:
             extra["position_ids"] = position_ids
         index = last_token_index(attention_mask) if score_at is None else score_at  # (B,) or (B, K)

@@ -67,8 +67,9 @@ def build_tokenizer(corpus: list[str], vocab_size: int, byte_level: bool = False
         tok.decoder = decoders.Metaspace()
         alphabet = sorted({c for text in corpus for c in text} | set("0123456789abcdefghijklmnopqrstuvwxyz .,:!?\n"))
     if byte_level and vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
-        raise ValueError(f"tiny.vocab_size={vocab_size} is too small for a byte-level tokenizer (tiny.data): it needs at "
-                         f"least {len(alphabet) + len(SPECIAL_TOKENS)} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
+        raise ValueError(f"tiny.vocab_size={vocab_size} is too small for a byte-level tokenizer (tiny.data): "
+                         f"it needs at least {len(alphabet) + len(SPECIAL_TOKENS)} "
+                         f"(256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
