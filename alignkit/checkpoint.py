@@ -15,11 +15,9 @@ temporary file is removed, so nothing written before is damaged.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
-import secrets
 import shutil
 import zipfile
 from pathlib import Path
@@ -28,7 +26,10 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from alignkit.errors import WriteFailed
+from alignkit.errors import WriteFailed  # noqa: F401  (imported from here by the CLI)
+# the generic write helpers live in alignkit.io; imported here too for the code that imports them from here
+from alignkit.io import (WRITE_ERRNOS, as_write_failed, atomic_write_bytes, fsync_dir,  # noqa: F401
+                         temporary_name, write_errno)
 
 try:
     import numpy as np
@@ -36,43 +37,8 @@ except ImportError:  # numpy is optional: its generator is saved only when it is
     np = None
 
 
-#: The errors of a write that cannot succeed as things stand: disk or quota full, a file too large, no permission,
-#: a read-only file system.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
-
 #: The exit code of a run stopped by a write that failed (``EX_IOERR`` of ``sysexits.h``).
 WRITE_FAILED_EXIT_CODE = 74
-
-
-def write_errno(exc: BaseException) -> int | None:
-    """The errno among :data:`WRITE_ERRNOS` behind ``exc`` (its chain of causes and contexts included), also when a
-    library reported it only in its message (torch's zip writer, safetensors); None when there is none."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, WriteFailed):
-            return current.error
-        if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
-            return current.errno
-        text = str(current)
-        for number in WRITE_ERRNOS:
-            if os.strerror(number) in text or f"os error {number})" in text or f"code: {number}," in text:
-                return number
-        todo += [current.__cause__, current.__context__]
-    return None
-
-
-def as_write_failed(path: str | Path, exc: BaseException) -> BaseException:
-    """``exc`` as a :class:`WriteFailed` naming ``path`` when it is a failed write (:func:`write_errno`), else
-    ``exc`` itself."""
-    if isinstance(exc, WriteFailed):
-        return exc
-    number = write_errno(exc)
-    return exc if number is None else WriteFailed(path, number)
 
 
 class _HashingWriter:
@@ -104,20 +70,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic_bytes(target: Path, data: bytes) -> None:
-    """``data`` into ``target`` through a temporary file, fsync and rename."""
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into ``.<name>.<random>.tmp`` next to the target, ``fsync``, then ``os.replace``, then the
     file's SHA-256 into ``<name>.sha256`` (the old checksum is removed before the rename, so a checksum never
@@ -147,7 +99,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temporary_name(target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             staged = {t for t, _, _ in self._writes}
@@ -176,7 +128,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checksum_path(target).unlink(missing_ok=True)
             os.replace(tmp, target)
             fsync_dir(target.parent)
-            write_atomic_bytes(checksum_path(target), f"{digest}  {target.name}\n".encode())
+            atomic_write_bytes(checksum_path(target), f"{digest}  {target.name}\n".encode())
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             failed = as_write_failed(target, exc)
@@ -250,20 +202,6 @@ def verify_checkpoint(path: str | Path) -> str | None:
         return f"it cannot be read ({exc.strerror or exc})"
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def writes_folder(strategy) -> bool:
     """Whether ``strategy`` saves a checkpoint as a folder of per-rank shards rather than through a checkpoint IO
     plugin (which :class:`AtomicCheckpointIO` makes atomic)."""
@@ -293,7 +231,7 @@ def link_atomically(target: Path, link: Path) -> None:
     was there in one rename."""
     for stale in link.parent.glob(f".{link.name}.*.link"):  # left by a run killed while linking
         stale.unlink(missing_ok=True)
-    staging = link.with_name(f".{link.name}.{secrets.token_hex(4)}.link")
+    staging = temporary_name(link, "link")
     try:
         try:
             os.symlink(os.path.relpath(target, link.parent), staging)

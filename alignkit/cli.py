@@ -20,13 +20,16 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from alignkit.checkpoint import WRITE_FAILED_EXIT_CODE, AtomicCheckpointIO, LastCheckpoint, WriteFailed, write_errno
+from alignkit.checkpoint import WRITE_FAILED_EXIT_CODE, AtomicCheckpointIO, LastCheckpoint
 from alignkit.data.modules import AlignData
+from alignkit.errors import WriteFailed
+from alignkit.fitting import finish_wandb_run, fit, wandb_run_id  # noqa: F401  (fit: importable from here too)
+from alignkit.io import atomic_write_text, write_errno
 from alignkit.lock import RunLock, is_launch_rank_zero
 from alignkit.module import AlignModule
 from alignkit.run import (CONFIG_FILE, ConfigChangedError, NewHyperparameters, RunCSVLogger, RunDirectory,
-                          atomic_write_text, check_fresh, check_resume_config, default_run_dir, describe_changes,
-                          record_changes, resume_checkpoint)
+                          check_fresh, check_resume_config, default_run_dir, describe_changes, record_changes,
+                          resume_checkpoint)
 from alignkit.seeds import fill_seeds, global_seed
 from alignkit.signals import Preempted, StopOnSignal
 
@@ -187,29 +190,6 @@ class AlignCLI(LightningCLI):
                                        tags=[algorithm], name=f"{group}/{run_dir.name}", job_type=algorithm,
                                        config=self._cfg.clone().as_dict(), **resumed))
         return loggers
-
-
-def fit(args: list[str]) -> Path:
-    """Run ``alignkit fit`` in-process and return its run directory (used by the pipeline)."""
-    try:
-        cli = AlignCLI(args=["fit", *args])
-    finally:
-        finish_wandb_run()
-    return Path(cli.config.fit.run_dir)
-
-
-def wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the newest wandb run logged in ``run_dir`` (its folders are ``wandb/<mode>-run-<time>-<id>``)."""
-    runs = sorted((run_dir / "wandb").glob("*-run-*-*"), key=lambda folder: folder.name.split("-run-", 1)[1])
-    return runs[-1].name.rsplit("-", 1)[1] if runs else None
-
-
-def finish_wandb_run() -> None:
-    """End the process's active wandb run, if any: Lightning's WandbLogger leaves it open after a fit, and
-    a later in-process fit (the next pipeline stage) would silently log into it instead of its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,17 +4,15 @@ and DPO recipes read — the simulated stand-in for a round of human labelling."
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from alignkit.io import atomic_write_json, write_jsonl
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.rollout import SamplingConfig, sample_texts
-from alignkit.run import METRICS_FILE, atomic_write_json, check_fresh, default_run_dir
+from alignkit.run import METRICS_FILE, check_fresh, default_run_dir
 from alignkit.seeds import ANNOTATOR, derive_seed
 from alignkit.task import PreferencePair, SimulatedAnnotator, Task, preference_records
 
@@ -30,15 +28,6 @@ def sample_pairs(model, tokenizer, prompts: list[str], sampling: SamplingConfig,
     second = [r for ro in sample_texts(model, tokenizer, prompts, sampling, batch_size, generator) for r in ro.responses]
     kept = [(p, a, b) for p, a, b in zip(prompts, first, second) if a.strip() and b.strip() and a != b]
     return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        for row in rows:
-            tmp.write(json.dumps(row) + "\n")
-    os.replace(tmp.name, path)
 
 
 def label_summary(pairs: list[PreferencePair]) -> dict[str, float]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.data.formats import DataError
+from alignkit.io import atomic_write_text
 from alignkit.run import default_run_dir, read_metrics
 
 COMPARISON_MD = "comparison.md"
@@ -448,8 +449,8 @@ def compare(runs: list[str], out: str | None = None, names: list[str] | None = N
         skipped.append(f"{REWARD_OVER_STEPS_PNG} (no training run with a {CSV_FILE} holding {', '.join(metrics)})")
 
     markdown = "\n\n".join(t.markdown() for t in tables)
-    (dest / COMPARISON_MD).write_text(markdown + "\n")
-    (dest / COMPARISON_JSON).write_text(json.dumps({
+    atomic_write_text(dest / COMPARISON_MD, markdown + "\n")
+    atomic_write_text(dest / COMPARISON_JSON, json.dumps({
         "runs": [{"name": r.name, "path": str(r.path), "kind": r.kind} for r in loaded],
         "training": tables[0].to_json() if train else None,
         "evaluation": tables[-1].to_json() if evals else None,

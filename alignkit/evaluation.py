@@ -32,10 +32,11 @@ import torch
 from torch import Tensor
 
 from alignkit.data.formats import load_prompts
+from alignkit.io import atomic_write_json
 from alignkit.models.loading import ModelConfig, context_length, load_model
 from alignkit.plugin import Reward
 from alignkit.rollout import SamplingConfig, response_logprobs, sample_texts
-from alignkit.run import METRICS_FILE, RunExistsError, atomic_write_json, default_run_dir
+from alignkit.run import METRICS_FILE, RunExistsError, default_run_dir
 from alignkit.task import Task
 from alignkit.types import Rollout
 

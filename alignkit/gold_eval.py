@@ -27,9 +27,6 @@ Recipe use::
 from __future__ import annotations
 
 import copy
-import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -42,6 +39,7 @@ from torch import nn
 
 from alignkit.checkpoint import rng_states, set_rng_states
 from alignkit.evaluation import sample_responses, score_samples, win_rate, with_task_stop
+from alignkit.io import append_jsonl, atomic_write_text, parse_jsonl_line
 from alignkit.plugin import Reward
 from alignkit.rollout import SamplingConfig
 from alignkit.task import Task
@@ -231,7 +229,7 @@ class GoldEval(L.Callback):
                 logger.log_metrics(metrics, step=step)
                 logger.save()
             elapsed = time.perf_counter() - started + self._unbooked_s
-            _append(self.path(trainer), {"step": step, **metrics, "time_s": round(elapsed, 4)})
+            append_jsonl(self.path(trainer), {"step": step, **metrics, "time_s": round(elapsed, 4)})
         self._unbooked_s = 0.0
         return metrics
 
@@ -243,19 +241,8 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _append(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _parse(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+    row = parse_jsonl_line(path, number, line)  # a DataError (a ValueError) when it is not JSON
     if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
         raise ValueError(f"{path}, line {number}: not a gold evaluation record (a JSON object with an integer "
                          f"\"step\")")
@@ -289,11 +276,7 @@ def keep_trajectory(path: Path, step: int) -> None:
     kept = [line for number, line in enumerate(lines, 1) if line.strip() and _parse(path, number, line)["step"] <= step]
     if "".join(kept) == text:
         return
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.writelines(kept)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    atomic_write_text(path, "".join(kept))
 
 
 __all__ = ["GOLD_EVAL_FILE", "GoldEval", "keep_trajectory", "read_trajectory"]

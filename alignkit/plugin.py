@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pluggy
 from torch import Tensor, nn
 
 from alignkit.types import Rollout
+
+if TYPE_CHECKING:
+    from alignkit.rollout import SamplingConfig
 
 hookimpl = pluggy.HookimplMarker("alignkit")
 
@@ -37,7 +40,21 @@ class Algorithm(nn.Module):
 
     @property
     def name(self) -> str:
+        """The algorithm's name in messages: its class name in lower case."""
         return type(self).__name__.lower()
+
+    # Checkpoint state. Plain attributes that are not tensors of the module (a KL controller's coefficient, an
+    # update counter, a cached table) travel in the checkpoint through these two methods: the host stores what
+    # `extra_state` returns under ``checkpoint["alignkit"]["algorithm"]`` and gives it back to `load_extra_state`
+    # when a run resumes. They deliberately are not torch's `get_extra_state`/`set_extra_state`, which would put the
+    # state into ``state_dict()``: then every checkpoint written before (which lacks the ``_extra_state`` key) would
+    # fail strict loading, sharded strategies would have to shard it, and exported weights would carry it.
+    def extra_state(self) -> dict[str, Any]:
+        """Picklable state to save in checkpoints besides the parameters and buffers (default: none)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned; called on resume only when that was not empty."""
 
 
 class OnlineAlgorithm(Algorithm):
@@ -46,6 +63,9 @@ class OnlineAlgorithm(Algorithm):
 
     online: ClassVar[bool] = True
     data_kind: ClassVar[DataKind] = "prompt"
+    #: How the rollout engine samples responses (``alignkit.defaults.DefaultRollout`` reads it); the default
+    #: ``SamplingConfig()`` is set by ``__init__``, subclasses set their own after calling it.
+    sampling: SamplingConfig
 
     def __init__(self, update_epochs: int = 1, target_approx_kl: float | None = None, max_grad_norm: float | None = 1.0,
                  samples_per_prompt: int = 1):
@@ -53,12 +73,16 @@ class OnlineAlgorithm(Algorithm):
         Args:
             update_epochs: passes over each rollout batch (PPO's ``ppo_epochs``).
             target_approx_kl: stop the update epochs early once the mean approx-KL between the new and the
-                sampling policy exceeds this (None: never).
+                sampling policy exceeds this (None: never); the host averages ``LossOutput.approx_kl`` of the epoch's
+                losses, which the algorithm must fill for this to work.
             max_grad_norm: gradient clipping norm applied at every optimiser step (None: off).
             samples_per_prompt: responses sampled per prompt; the host repeats each prompt row this many times
                 (consecutively) before the rollout, so group baselines (RLOO, GRPO) see their groups.
         """
         super().__init__()
+        from alignkit.rollout import SamplingConfig
+
+        self.sampling = SamplingConfig()  # subclasses set their own (e.g. from a ``sampling`` argument)
         if update_epochs < 1:
             raise ValueError(f"algorithm.update_epochs must be >= 1, got {update_epochs}")
         if samples_per_prompt < 1:
@@ -90,8 +114,17 @@ class Reward(nn.Module, abc.ABC):
             weight: its weight in the combined reward.
         """
         super().__init__()
-        self.reward_name = name or type(self).__name__.lower()
+        self.name = name or type(self).__name__.lower()
         self.weight = weight
+
+    @property
+    def reward_name(self) -> str:
+        """The former name of :attr:`name` (still readable and settable)."""
+        return self.name
+
+    @reward_name.setter
+    def reward_name(self, value: str) -> None:
+        self.name = value
 
     @abc.abstractmethod
     def score(self, prompts: list[str], responses: list[str], rollout: Rollout | None) -> RewardOutput:

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import tempfile
@@ -34,10 +33,10 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from alignkit.checkpoint import (LAST_NAME, as_write_failed, fsync_dir, link_atomically, recover_folder,
-                                 verify_checkpoint)
-from alignkit.defaults import full_state_dict
+from alignkit.checkpoint import LAST_NAME, link_atomically, recover_folder, verify_checkpoint
+from alignkit.distributed import full_state_dict
 from alignkit.errors import ConfigChangedError, NothingToResumeError, RunExistsError
+from alignkit.io import as_write_failed, atomic_write_json, atomic_write_text, fsync_dir  # also importable from here
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -265,32 +264,6 @@ def to_float(value: Any) -> float | None:
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The scalar entries of a metrics dict, as floats."""
     return {k: v for k, v in ((k, to_float(v)) for k, v in metrics.items()) if v is not None}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file in the same folder, fsync and rename; a failure leaves
-    ``path`` as it was (:class:`alignkit.checkpoint.WriteFailed` when the disk is full or the folder not
-    writable)."""
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        with open(tmp, "x", newline="") as f:  # unlike mkstemp, the usual permissions (umask)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        failed = as_write_failed(path, exc)
-        if failed is exc:
-            raise
-        raise failed from exc
-
-
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def atomic_save_model(module, target: Path, state_dict: dict | None = None) -> None:

@@ -43,7 +43,8 @@ import yaml
 
 from alignkit.commands import Stage, substitute
 from alignkit.data.formats import DataError
-from alignkit.run import METRICS_FILE, atomic_write_json, default_run_dir
+from alignkit.io import atomic_write_json
+from alignkit.run import METRICS_FILE, default_run_dir
 
 CELL_FILE = "cell.json"
 LOG_FILE = "log.txt"
@@ -163,12 +164,23 @@ def _substitute_tree(value: Any, outputs: dict[str, Path]) -> Any:
 
 
 def _instantiate(config: dict[str, Any]) -> Any:
-    """Build an object from ``{class_path, init_args}`` the way a recipe would."""
+    """Build an object from ``{class_path, init_args}`` the way a recipe would (its class imported first, so the
+    parser checks the arguments against that class: jsonargparse no longer instantiates a spec given for ``object``)."""
+    import importlib
+
     from jsonargparse import ArgumentParser
 
+    class_path = config.get("class_path") if isinstance(config, dict) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise DataError(f"study: expected {{class_path: package.Class, init_args: ...}}, got {config!r}")
+    module, name = class_path.rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise DataError(f"study: cannot import {class_path} ({exc})") from None
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--obj", type=object)
-    return parser.instantiate_classes(parser.parse_object({"obj": config})).obj
+    parser.add_argument("--obj", type=cls)
+    return parser.instantiate(parser.parse_object({"obj": config})).obj
 
 
 def _gold_eval_override(spec: CellSpec, outputs: dict[str, Path]) -> dict[str, Any]:
@@ -187,7 +199,7 @@ def _point(step: int, kl: float, gold: float, proxy: float | None, win_rate: flo
 
 
 def _fit_method(spec: CellSpec, outputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    from alignkit.cli import fit
+    from alignkit.fitting import fit
     from alignkit.gold_eval import read_trajectory
 
     method = spec.method

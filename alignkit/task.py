@@ -44,6 +44,27 @@ class PreferencePair:
     p_chosen: float
 
 
+@dataclass(frozen=True)
+class Lexicon:
+    """The words a task's responses are judged by, for rule-based judges that check responses word by word
+    (e.g. the constitutional plugin's ``RuleFeedback``): what they know of a task besides its prompts. Words are
+    lower case.
+
+    Args:
+        positive: words that praise.
+        negative: words that disparage.
+        ignored: words whose repetition is natural (never counted as repeated), e.g. function words.
+        topics: words a prompt's topic can be; the first of them in a prompt is its topic.
+        max_words: the longest concise response, in words; None: the task sets no limit.
+    """
+
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+    ignored: frozenset[str] = frozenset()
+    topics: tuple[str, ...] = ()
+    max_words: int | None = None
+
+
 class Task(abc.ABC):
     """A simulated-feedback task: prompts, demonstrations and an exact gold reward.
 
@@ -52,7 +73,8 @@ class Task(abc.ABC):
     distinct prompts the training set, so the two sets are disjoint and fixed by ``seed``.
 
     Subclasses set ``name``, implement :meth:`sample_prompt`, :meth:`prompt_space_size`,
-    :meth:`demonstrations`, :meth:`gold_reward` and :meth:`corpus`, and may override ``stop``.
+    :meth:`demonstrations`, :meth:`gold_reward` and :meth:`corpus`, and may override ``stop`` and
+    :meth:`lexicon`.
 
     Args:
         seed: Seed of every random choice the task makes (prompts, demonstrations).
@@ -134,6 +156,11 @@ class Task(abc.ABC):
     def corpus(self) -> list[str]:
         """Texts covering every word the task's prompts and responses (good, bad or reward-hacked)
         can use; used to train a tokenizer for a model trained from scratch."""
+
+    def lexicon(self) -> Lexicon | None:
+        """The words the task's responses are judged by (:class:`Lexicon`), for rule-based judges; None (the
+        default): the task has none, and a judge that needs words must be given them."""
+        return None
 
     def _take(self, demos: list[Demonstration], n: int | None) -> list[Demonstration]:
         """The first ``n`` demonstrations (all when ``n`` is None); helper for subclasses."""

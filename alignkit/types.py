@@ -34,6 +34,10 @@ class LossOutput:
     sequences (:func:`alignkit.aggregation.agg_loss` returns it). With it, the host makes an optimiser step's
     gradient that of one mean over the whole step, however the step is split into micro-batches and ranks; None:
     each micro-batch's loss counts as one equal part of the step (a mean of means)."""
+    approx_kl: Tensor | float | None = None
+    """Online algorithms: the approximate KL between the updated and the sampling policy on this batch (e.g.
+    PPO's mean of ``(ρ − 1) − log ρ``); the host stops an update's epochs early once their mean exceeds
+    ``target_approx_kl``. None: not measured."""
 
 
 @dataclass

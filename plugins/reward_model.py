@@ -8,10 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.models.loading import sequence_scores
-from alignkit.pairs import check_shared_prompt, share_prompts
-from alignkit.plugin import Algorithm, hookimpl
-from alignkit.types import LossOutput, PreferenceBatch
+from alignkit import (
+    Algorithm,
+    LossOutput,
+    PreferenceBatch,
+    check_shared_prompt,
+    hookimpl,
+    sequence_scores,
+    share_prompts,
+)
 
 
 @dataclass

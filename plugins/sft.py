@@ -6,11 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.aggregation import LossAggregation, agg_loss
-from alignkit.models.final_layer import last_columns
-from alignkit.ops import first_target_column
-from alignkit.plugin import Algorithm, hookimpl
-from alignkit.types import LossOutput, SFTBatch
+from alignkit import (
+    Algorithm,
+    LossAggregation,
+    LossOutput,
+    SFTBatch,
+    agg_loss,
+    first_target_column,
+    hookimpl,
+    last_columns,
+)
 
 IGNORE = -100
 

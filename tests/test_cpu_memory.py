@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 
 import alignkit.cpu_memory as cpu_memory
-import alignkit.module as module_mod
+import alignkit.process as process_mod
 from alignkit.data.modules import SFTData
 from alignkit.models import ModelConfig, TinyModelConfig
 from alignkit.module import AlignModule
@@ -102,7 +102,7 @@ def test_not_applied_when_mallopt_fails(monkeypatch):
 @pytest.mark.parametrize("retain", [True, False])
 def test_cpu_training_applies_it_unless_disabled(retain, monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(module_mod, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(process_mod, "retain_freed_memory", lambda: calls.append(1) or True)
     task = SentimentTask(num_train_prompts=8, num_eval_prompts=2)
     data = SFTData(task=task, batch_size=4, max_length=32)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,

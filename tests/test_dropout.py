@@ -85,7 +85,7 @@ def test_ppo_ratio_is_one_and_kl_zero_at_initialisation_with_a_dropout_config(gp
 
 
 def test_ppo_critic_copied_from_the_policy_has_no_dropout(gpt2_dir):
-    module = AlignModule(algorithm=PPO(critic="separate"), policy=ModelConfig(name_or_path=str(gpt2_dir)))
+    module = AlignModule(algorithm=PPO(critic_kind="separate"), policy=ModelConfig(name_or_path=str(gpt2_dir)))
     assert module.disable_dropout
     for model in (module.policy, module.reference, module.algorithm.critic):
         assert disable_dropout(model) == 0  # nothing left to turn off

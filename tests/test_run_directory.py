@@ -386,7 +386,8 @@ def test_dpo_reference_cache_is_loaded_with_weights_only(tmp_path, monkeypatch):
     algorithm = DPO(reference_logps="precompute", cache_dir=str(tmp_path))
     data = SimpleNamespace(train_dataloader=lambda: [], val_dataloader=lambda: [])
     module = SimpleNamespace(trainer=SimpleNamespace(datamodule=data, default_root_dir=str(tmp_path)),
-                             policy_config="tiny")
+                             policy_config="tiny",
+                             dataloaders_to_precompute=lambda: [data.train_dataloader(), data.val_dataloader()])
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         algorithm.ensure_reference_cache(module)
     assert not marker.exists()

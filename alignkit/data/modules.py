@@ -29,7 +29,8 @@ from alignkit.data.formats import (
     sft_records,
 )
 from alignkit.data.report import DataReport
-from alignkit.data.tokenize import Truncation, TruncationStats, encode_prompt, encode_response, fit
+from alignkit.data.tokenize import (Truncation, TruncationStats, encode_prompt, encode_response,
+                                     truncate_to_fit)
 from alignkit.rollout import left_pad
 from alignkit.task import Task
 from alignkit.types import PreferenceBatch, PromptBatch, SFTBatch
@@ -340,8 +341,8 @@ class AlignData(L.LightningDataModule, abc.ABC):
                     ) -> tuple[list[int], list[list[int]]] | None:
         """Count the example's tokens and ``<unk>`` tokens, then apply the truncation policy (None: dropped)."""
         self.count_tokens([prompt_ids, *responses])
-        return fit(prompt_ids, responses, self.max_length, self.max_prompt_length, self.truncation, self.stats,
-                   f"{self.source} row {row}")
+        return truncate_to_fit(prompt_ids, responses, self.max_length, self.max_prompt_length, self.truncation,
+                               self.stats, f"{self.source} row {row}")
 
     def count_tokens(self, sequences: list[list[int]]) -> None:
         tok = self.tokenizer
@@ -632,8 +633,8 @@ class PromptData(AlignData):
         examples = []
         for i, ids, _ in items:
             self.count_tokens([ids])
-            fitted = fit(ids, [[]], self.max_prompt_length, self.max_prompt_length, self.truncation, self.stats,
-                         f"{self.source} row {i}")
+            fitted = truncate_to_fit(ids, [[]], self.max_prompt_length, self.max_prompt_length, self.truncation,
+                                     self.stats, f"{self.source} row {i}")
             if fitted is None:
                 continue
             text = texts[i]

@@ -91,9 +91,10 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, prompt: str | Conversati
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def fit(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
-        policy: Truncation, stats: TruncationStats, where: str) -> tuple[list[int], list[list[int]]] | None:
-    """Apply the truncation policy to one prompt and its response(s); None means "drop"."""
+def truncate_to_fit(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
+                    policy: Truncation, stats: TruncationStats, where: str) -> tuple[list[int], list[list[int]]] | None:
+    """One prompt and its response(s) cut to fit ``max_prompt_length`` / ``max_length`` by the truncation
+    ``policy`` (``error`` raises a DataError, ``drop`` returns None); unchanged when they fit already."""
     stats.measure(prompt_ids, responses)
     longest = max(len(r) for r in responses)
     if len(prompt_ids) <= max_prompt_length and len(prompt_ids) + longest <= max_length:

@@ -24,13 +24,22 @@ from pathlib import Path
 
 import torch
 
-from alignkit.collect import PREFERENCES_FILE, sample_pairs, write_jsonl
-from alignkit.data.formats import DataError
-from alignkit.models.loading import ModelConfig, load_model
-from alignkit.rollout import SamplingConfig, sample_texts
-from alignkit.run import METRICS_FILE, atomic_write_json, check_fresh, default_run_dir
-from alignkit.seeds import fixed_seed
-from alignkit.task import Task
+from alignkit import (
+    METRICS_FILE,
+    PREFERENCES_FILE,
+    DataError,
+    ModelConfig,
+    SamplingConfig,
+    Task,
+    atomic_write_json,
+    check_fresh,
+    default_run_dir,
+    fixed_seed,
+    load_model,
+    sample_pairs,
+    sample_texts,
+    write_jsonl,
+)
 from alignkit_plugins.constitutional.constitution import DEFAULT_CONSTITUTION, Constitution, load_constitution
 from alignkit_plugins.constitutional.feedback import Feedback
 
@@ -189,6 +198,7 @@ def critique_revise(policy: str, task: Task, feedback: Feedback, constitution: s
     out = Path(run_dir) if run_dir else default_run_dir("cai-revise")
     check_fresh(out)
     feedback.use_run_seed(seed)
+    feedback.use_task(task)
     rules = load_constitution(constitution)
     prompts = _train_prompts(task, num_prompts)
     model, tokenizer = _load_policy(policy)
@@ -264,6 +274,7 @@ def ai_feedback(policy: str, task: Task, feedback: Feedback, constitution: str =
     out = Path(run_dir) if run_dir else default_run_dir("cai-feedback")
     check_fresh(out)
     feedback.use_run_seed(seed)
+    feedback.use_task(task)
     rules = load_constitution(constitution)
     prompts = _train_prompts(task, num_prompts)
     model, tokenizer = _load_policy(policy)
@@ -338,6 +349,7 @@ def compliance(policies: dict[str, str], task: Task, feedback: Feedback, constit
         raise ValueError("policies is empty: give at least one name -> model directory / HF name")
     out = Path(run_dir) if run_dir else default_run_dir("cai-compliance")
     check_fresh(out)
+    feedback.use_task(task)
     rules = load_constitution(constitution)
     prompts = task.eval_prompts()[:num_prompts] if num_prompts is not None else task.eval_prompts()
     if not prompts:

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from alignkit.data.formats import DataError
+from alignkit import DataError
 
 #: The constitution that ships with alignkit (principles for the ``sentiment`` task and general ones).
 DEFAULT_CONSTITUTION = Path(__file__).with_name("constitution.yaml")

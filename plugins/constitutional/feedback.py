@@ -22,28 +22,38 @@ Two implementations:
 from __future__ import annotations
 
 import abc
+import importlib
 import inspect
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from alignkit import ops
-from alignkit.models.loading import ModelConfig, load_model
-from alignkit.rollout import SamplingConfig, left_pad, position_ids_from_mask, sample_texts
-from alignkit.seeds import FEEDBACK, derive_seed, resolve_seed
-from alignkit.task import bradley_terry
+from alignkit import (
+    FEEDBACK,
+    Lexicon,
+    ModelConfig,
+    SamplingConfig,
+    Task,
+    bradley_terry,
+    derive_seed,
+    left_pad,
+    load_model,
+    position_ids_from_mask,
+    resolve_seed,
+    sample_texts,
+    token_logprobs,
+)
 from alignkit_plugins.constitutional.constitution import (
     Principle,
     comparison_prompt,
     critique_prompt,
     revision_prompt,
 )
-from alignkit_plugins.tasks.sentiment import FUNCTION_WORDS, ITEMS, MAX_WORDS, NEGATIVE_WORDS, POSITIVE_WORDS
 
 
 class Feedback(abc.ABC):
@@ -69,6 +79,11 @@ class Feedback(abc.ABC):
     def use_run_seed(self, seed: int) -> None:
         """Derive the seeds left unset (None) from ``seed``, the seed of the command that uses this feedback
         (:mod:`alignkit.seeds`); seeds given explicitly stay. Nothing to do for a deterministic judge."""
+
+    def use_task(self, task: Task) -> None:
+        """Take what the judge needs to know of ``task``, the task of the command that uses this feedback (e.g.
+        :class:`RuleFeedback` its words, :meth:`alignkit.Task.lexicon`). Nothing to do for a judge that reads
+        the principles' texts."""
 
     def critiques(self, prompts: list[str], responses: list[str], principles: list[Principle]) -> list[str]:
         """:meth:`critique` of each (prompt, response, principle)."""
@@ -205,7 +220,7 @@ class LMFeedback(Feedback):
 
     def option_logprobs(self, texts: list[str]) -> Tensor:
         """``(N, 2)`` log-probabilities of the two option tokens as the next token of each text."""
-        from alignkit.data.tokenize import encode_prompt
+        from alignkit import encode_prompt  # loads the data package: only when a comparison is made
 
         model, tokenizer = self._load()
         device = next(model.parameters()).device
@@ -218,7 +233,7 @@ class LMFeedback(Feedback):
                                    for t, i in zip(chunk, ids)], device=device)  # (B, 2)
             input_ids, mask = left_pad(ids, pad)
             logits = last_position_logits(model, input_ids.to(device), mask.to(device))  # (B, V)
-            chunks.append(ops.token_logprobs(logits[:, None, :].expand(-1, 2, -1), labels).cpu())
+            chunks.append(token_logprobs(logits[:, None, :].expand(-1, 2, -1), labels).cpu())
         return torch.cat(chunks) if chunks else torch.zeros(0, 2)
 
     def prefer_first(self, prompts: list[str], a: list[str], b: list[str], principles: list[Principle]) -> list[float]:
@@ -257,18 +272,18 @@ class LMFeedback(Feedback):
 RuleName = Literal["positive", "on_topic", "no_repetition", "concise"]
 
 
-@dataclass(frozen=True)
-class Lexicon:
-    """The words the rules of :class:`RuleFeedback` know (by default the ``sentiment`` task's)."""
+#: The task whose words (:meth:`alignkit.Task.lexicon`) :class:`RuleFeedback` judges by when it is given neither
+#: words nor a task that has words: the built-in ``sentiment`` task, named by class path and used through the
+#: Task API only.
+DEFAULT_TASK = "alignkit_plugins.tasks.SentimentTask"
 
-    positive: tuple[str, ...] = POSITIVE_WORDS
-    negative: tuple[str, ...] = NEGATIVE_WORDS
-    ignored: frozenset[str] = FUNCTION_WORDS
-    """Words whose repetition is natural (never counted as repeated)."""
-    topics: tuple[str, ...] = ITEMS
-    """Words a prompt's topic can be; the first one in the prompt is the topic."""
-    max_words: int = MAX_WORDS
-    """Longest concise response, in words."""
+
+def default_lexicon() -> Lexicon:
+    """The words of :data:`DEFAULT_TASK` (an instance with its default settings)."""
+    module, name = DEFAULT_TASK.rsplit(".", 1)
+    lexicon = getattr(importlib.import_module(module), name)().lexicon()
+    assert lexicon is not None, f"{DEFAULT_TASK} has no lexicon"
+    return lexicon
 
 
 @dataclass(frozen=True)
@@ -339,8 +354,10 @@ def check_no_repetition(prompt: str, response: str, lex: Lexicon) -> Finding:
 
 
 def check_concise(prompt: str, response: str, lex: Lexicon) -> Finding:
-    """Violations: every word beyond ``max_words``."""
+    """Violations: every word beyond ``max_words`` (none when the lexicon sets no limit)."""
     n = len(response.split())
+    if lex.max_words is None:
+        return Finding(0.0, f"The response has {n} words; there is no limit.")
     if n <= lex.max_words:
         return Finding(0.0, f"The response has {n} words, within the limit of {lex.max_words}.")
     return Finding(-float(n - lex.max_words),
@@ -400,7 +417,7 @@ def fix_no_repetition(prompt: str, response: str, lex: Lexicon) -> str:
 def fix_concise(prompt: str, response: str, lex: Lexicon) -> str:
     """Keep the first ``max_words`` words, without ignored words left dangling at the end."""
     words = response.split()
-    if len(words) <= lex.max_words:
+    if lex.max_words is None or len(words) <= lex.max_words:
         return " ".join(words)
     return " ".join(_trim_trailing(words[:lex.max_words], lex.ignored))
 
@@ -428,41 +445,62 @@ class RuleFeedback(Feedback):
     Each violation costs one point of the rule's score (0 = compliant). ``critique`` reports what the
     rule found, ``revise`` applies the rule's deterministic fix (the critique text is not needed),
     ``compare`` is the soft label ``σ((score_a − score_b) / temperature)`` (0.5 on a tie; temperature 0
-    gives hard 0 / 1 labels), and ``complies`` is ``score == 0``. The default words are the
-    ``sentiment`` task's.
+    gives hard 0 / 1 labels), and ``complies`` is ``score == 0``.
+
+    The words are the task's (:meth:`alignkit.Task.lexicon`): of ``task`` when given, else of the task of the
+    command that uses the judge (``cai-revise``, ``cai-feedback``, ``cai-compliance``), else (and for a task
+    without words) of :data:`DEFAULT_TASK`, the ``sentiment`` task; words given here replace the task's.
 
     Args:
         temperature: temperature of the soft label on the score difference.
         rules: principle name -> rule name, for principles not named after their rule.
-        positive_words: words that praise (default: the sentiment task's positive words).
-        negative_words: words that disparage (default: the sentiment task's negative words).
-        ignored_words: words whose repetition is fine (default: the sentiment task's function words).
-        topic_words: words a prompt's topic can be (default: the sentiment task's items).
-        max_words: longest concise response, in words.
+        positive_words: words that praise (default: the task's).
+        negative_words: words that disparage (default: the task's).
+        ignored_words: words whose repetition is fine (default: the task's, e.g. function words).
+        topic_words: words a prompt's topic can be (default: the task's, e.g. the reviewed items).
+        max_words: longest concise response, in words (default: the task's).
+        task: the task whose words are used (default: the command's task).
     """
 
     def __init__(self, temperature: float = 0.5, rules: dict[str, RuleName] | None = None,
                  positive_words: list[str] | None = None, negative_words: list[str] | None = None,
                  ignored_words: list[str] | None = None, topic_words: list[str] | None = None,
-                 max_words: int = MAX_WORDS) -> None:
+                 max_words: int | None = None, task: Task | None = None) -> None:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if max_words < 1:
+        if max_words is not None and max_words < 1:
             raise ValueError(f"max_words must be >= 1, got {max_words}")
         unknown = sorted(set((rules or {}).values()) - set(RULES))
         if unknown:
             raise ValueError(f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(RULES)}")
-        default = Lexicon()
-        self.temperature, self.rules = temperature, dict(rules or {})
-        self.lexicon = Lexicon(
-            positive=tuple(w.lower() for w in positive_words) if positive_words is not None else default.positive,
-            negative=tuple(w.lower() for w in negative_words) if negative_words is not None else default.negative,
-            ignored=frozenset(w.lower() for w in ignored_words) if ignored_words is not None else default.ignored,
-            topics=tuple(w.lower() for w in topic_words) if topic_words is not None else default.topics,
-            max_words=max_words,
-        )
-        if not self.lexicon.positive:
+        if positive_words is not None and not positive_words:
             raise ValueError("positive_words must not be empty (the positive rule's fix needs one)")
+        self.temperature, self.rules = temperature, dict(rules or {})
+        given = {"positive": None if positive_words is None else tuple(w.lower() for w in positive_words),
+                 "negative": None if negative_words is None else tuple(w.lower() for w in negative_words),
+                 "ignored": None if ignored_words is None else frozenset(w.lower() for w in ignored_words),
+                 "topics": None if topic_words is None else tuple(w.lower() for w in topic_words),
+                 "max_words": max_words}
+        self._given = {key: value for key, value in given.items() if value is not None}
+        self._task, self._task_given = task, task is not None
+        self._lexicon: Lexicon | None = None
+
+    def use_task(self, task: Task) -> None:
+        """Judge by ``task``'s words from now on, unless a task was given to the constructor."""
+        if not self._task_given:
+            self._task, self._lexicon = task, None
+
+    @property
+    def lexicon(self) -> Lexicon:
+        """The words the rules use: those given to the constructor, the rest from the task (see the class)."""
+        if self._lexicon is None:
+            found = self._task.lexicon() if self._task is not None else None
+            lexicon = replace(found if found is not None else default_lexicon(), **self._given)
+            if not lexicon.positive:
+                raise ValueError(f"RuleFeedback has no positive words (the positive rule's fix needs one): task "
+                                 f"{getattr(self._task, 'name', '?')!r} gives none; give positive_words")
+            self._lexicon = lexicon
+        return self._lexicon
 
     def rule(self, principle: Principle) -> Rule:
         """The (check, fix) pair for ``principle``."""

@@ -13,12 +13,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from alignkit.manager import PluginError
-from alignkit.models.final_layer import last_columns
-from alignkit.ops import first_target_column, token_logprobs
-from alignkit.pairs import CHOSEN, REJECTED, check_shared_prompt, share_prompts
-from alignkit.plugin import Algorithm, hookimpl
-from alignkit.types import LossOutput, PreferenceBatch
+from alignkit import (
+    CHOSEN,
+    REJECTED,
+    Algorithm,
+    LossOutput,
+    PluginError,
+    PreferenceBatch,
+    check_shared_prompt,
+    first_target_column,
+    hookimpl,
+    last_columns,
+    share_prompts,
+    token_logprobs,
+)
 from alignkit_plugins.dpo.losses import DPOVariant, dpo_loss, sequence_logps
 
 REFERENCE_CACHE_FILE = "reference_logps.pt"
@@ -139,14 +147,14 @@ class DPO(Algorithm):
 
     Reference log-probs are computed either live (a no-grad reference forward on every batch) or, with
     ``reference_logps="precompute"``, once over the whole train and validation sets at the first batch
-    (before training proper; the Lightning data module's loaders are iterated directly). Every pair's
+    (before training proper, over the loaders of ``module.dataloaders_to_precompute()``). Every pair's
     ``batch.index`` is its row in the data file, numbered before the train/validation hold-out, so the two
     sets never share an index and one table serves both. The table is written to
     ``<cache_dir>/reference_logps.pt`` and stored in checkpoints; a resumed run (or any run on exactly the
     same tokenised pairs and policy config) reuses it, a mismatching file is recomputed.
 
     Memory: after precomputing on a single device, the host's frozen reference copy is dropped
-    (``module.reference = None``), so its weights really are freed (the host never stores frozen models in
+    (``module.release_reference()``), so its weights really are freed (the host never stores frozen models in
     checkpoints, so a resumed run builds it, finds the table and drops it again). Under multi-device strategies
     (DDP, FSDP, DeepSpeed) the copy is kept — those strategies hold references to the wrapped modules — so
     precompute saves the per-step reference forward but not its memory; every rank computes the whole
@@ -250,10 +258,9 @@ class DPO(Algorithm):
         with the reference model (then saved and the reference copy freed). Checked once per run."""
         if self._cache_checked:
             return
-        datamodule = getattr(module.trainer, "datamodule", None)
-        if datamodule is None:
+        loaders = module.dataloaders_to_precompute()
+        if loaders is None:
             raise PluginError("dpo: reference_logps=precompute needs a Lightning data module (trainer.fit(datamodule=...))")
-        loaders = [datamodule.train_dataloader(), datamodule.val_dataloader()]
         meta = self.cache_meta(module, loaders)
         path = self.cache_path(module)
         if self._cache is None or self._cache["meta"] != meta:  # nothing (or a stale table) from a checkpoint
@@ -275,16 +282,13 @@ class DPO(Algorithm):
         self.free_reference(module)
 
     def free_reference(self, module) -> None:
-        """Drop the host's frozen reference copy (single-device strategies only; see the class docstring)."""
-        from lightning.pytorch.strategies import SingleDeviceStrategy
-
-        if module.reference is not None and isinstance(module.trainer.strategy, SingleDeviceStrategy):
-            module.reference = None
+        """Have the host release its frozen reference copy (single-device strategies only; see the class docstring)."""
+        if module.release_reference():
             self._freed_reference = True
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict[str, Any]:
-        """Saved in checkpoints by the host: the precomputed table and whether the reference was freed."""
+        """Saved in checkpoints by the host (:meth:`alignkit.plugin.Algorithm.extra_state`): the precomputed table."""
         if self._cache is None:
             return {}
         return {"reference_logps": self._cache}

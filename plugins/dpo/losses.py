@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.ops import masked_mean, masked_sum
+from alignkit import masked_mean, masked_sum
 
 DPOVariant = Literal["sigmoid", "ipo", "cdpo", "robust", "hinge"]
 DPO_VARIANTS: tuple[str, ...] = get_args(DPOVariant)

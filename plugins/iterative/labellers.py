@@ -21,10 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from alignkit.collect import write_jsonl
-from alignkit.data.formats import DataError
-from alignkit.seeds import ANNOTATOR, derive_seed
-from alignkit.task import PreferencePair, SimulatedAnnotator, Task
+from alignkit import ANNOTATOR, DataError, PreferencePair, SimulatedAnnotator, Task, derive_seed, write_jsonl
 
 #: The file :class:`FileLabeller` writes into the round folder and reads back once filled.
 TO_LABEL_FILE = "to_label.jsonl"

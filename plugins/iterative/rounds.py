@@ -40,14 +40,26 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.cli import finish_wandb_run, fit
-from alignkit.collect import label_summary, sample_pairs, write_jsonl
-from alignkit.evaluation import evaluate
-from alignkit.models.loading import ModelConfig, load_model
-from alignkit.rollout import SamplingConfig
-from alignkit.run import METRICS_FILE, MODEL_DIR, RunExistsError, atomic_write_json, default_run_dir
-from alignkit.seeds import derive_seed
-from alignkit.task import PreferencePair, Task
+from alignkit import (
+    METRICS_FILE,
+    MODEL_DIR,
+    ModelConfig,
+    PreferencePair,
+    RunExistsError,
+    SamplingConfig,
+    Task,
+    atomic_write_json,
+    default_run_dir,
+    derive_seed,
+    evaluate,
+    finish_wandb_run,
+    fit,
+    label_summary,
+    load_model,
+    read_jsonl,
+    sample_pairs,
+    write_jsonl,
+)
 from alignkit_plugins.iterative.labellers import LabelContext, Labeller, Labelled
 from alignkit_plugins.rewards.model import RewardModelReward, resolve_model_dir
 
@@ -196,11 +208,6 @@ def as_pairs(rows: list[dict[str, Any]]) -> list[PreferencePair]:
                            math.nan if r["p_chosen"] is None else r["p_chosen"]) for r in rows]
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file written by this module."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def round_metrics(index: int, evaluation: dict[str, Any], labels: list[dict], all_labels: list[dict],
                   times: dict[str, float]) -> dict[str, Any]:
     """The summary of a round from its ``eval/metrics.json`` content and its label rows.
@@ -345,7 +352,7 @@ def run_fit(plan: Plan, index: int, step: str) -> None:
     if stage.exists():
         print(f"[iterate] round {index}: removing the unfinished {step} attempt in {stage}")
         shutil.rmtree(stage)
-    fit(fit_step_args(plan, index, step))  # alignkit.cli.fit closes its wandb run, even on failure
+    fit(fit_step_args(plan, index, step))  # alignkit.fit closes its wandb run, even on failure
 
 
 def run_eval(plan: Plan, index: int) -> None:

@@ -17,6 +17,7 @@ forward: it runs once (see :meth:`PPO.single_pass`).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,13 +25,22 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from alignkit.aggregation import LossAggregation
-from alignkit.models.final_layer import last_columns
-from alignkit.ops import masked_mean, token_logprobs
-from alignkit.plugin import OnlineAlgorithm, hookimpl
-from alignkit.rollout import SamplingConfig, position_ids_from_mask, response_logprobs
-from alignkit.seeds import ALGORITHM, resolve_seed
-from alignkit.types import LossOutput, Rollout, TensorRecord
+from alignkit import (
+    ALGORITHM,
+    LossAggregation,
+    LossOutput,
+    OnlineAlgorithm,
+    Rollout,
+    SamplingConfig,
+    TensorRecord,
+    hookimpl,
+    last_columns,
+    masked_mean,
+    position_ids_from_mask,
+    resolve_seed,
+    response_logprobs,
+    token_logprobs,
+)
 from alignkit_plugins.ppo.math import (
     AdaptiveKLController,
     FixedKLController,
@@ -68,6 +78,9 @@ class PPOExperience(TensorRecord):
     @property
     def size(self) -> int:
         return self.sequences.shape[0]
+
+
+CriticKind = Literal["value_head", "separate"]
 
 
 class ValueHead(nn.Module):
@@ -124,7 +137,7 @@ class PPO(OnlineAlgorithm):
         entropy_coef: float = 0.0,
         whiten: bool = True,
         missing_stop_penalty: float | None = None,
-        critic: Literal["value_head", "separate"] = "value_head",
+        critic_kind: CriticKind = "value_head",
         num_minibatches: int = 1,
         gradient_accumulation_steps: int = 1,
         update_epochs: int = 4,
@@ -132,6 +145,7 @@ class PPO(OnlineAlgorithm):
         max_grad_norm: float | None = 1.0,
         loss_aggregation: LossAggregation = "token-mean",
         seed: int | None = None,
+        critic: CriticKind | None = None,
     ):
         """
         Args:
@@ -149,7 +163,8 @@ class PPO(OnlineAlgorithm):
             whiten: whiten advantages over the batch's response tokens.
             missing_stop_penalty: added to the score of responses that hit max_new_tokens without a configured
                 stop token or stop string (None: off).
-            critic: ``value_head`` on the policy's trunk, or a ``separate`` copy of the policy as critic.
+            critic_kind: ``value_head`` on the policy's trunk, or a ``separate`` copy of the policy as critic
+                (the critic itself is the attribute ``critic``: None with the value head).
             num_minibatches: optimiser steps per update epoch.
             gradient_accumulation_steps: micro-batches accumulated into each minibatch step.
             update_epochs: passes over each rollout batch (PPO epochs).
@@ -159,7 +174,12 @@ class PPO(OnlineAlgorithm):
                 (:func:`alignkit.aggregation.agg_loss`); exact over a minibatch's micro-batches and ranks.
             seed: seed of the minibatch shuffling; None: derived from the run's seed (role
                 ``model.algorithm.seed``, :mod:`alignkit.seeds`).
+            critic: deprecated name of ``critic_kind``.
         """
+        if critic is not None:
+            warnings.warn("algorithm.critic is deprecated: use algorithm.critic_kind (the attribute `critic` is the "
+                          "critic model)", DeprecationWarning, stacklevel=2)
+            critic_kind = critic
         super().__init__(update_epochs=update_epochs, target_approx_kl=target_approx_kl, max_grad_norm=max_grad_norm)
         for name, value in (("num_minibatches", num_minibatches), ("gradient_accumulation_steps", gradient_accumulation_steps)):
             if value < 1:
@@ -169,12 +189,12 @@ class PPO(OnlineAlgorithm):
         self.clip_range, self.clip_range_value = clip_range, clip_range_value
         self.vf_coef, self.entropy_coef, self.whiten = vf_coef, entropy_coef, whiten
         self.loss_aggregation = loss_aggregation
-        self.missing_stop_penalty, self.critic_kind = missing_stop_penalty, critic
+        self.missing_stop_penalty, self.critic_kind = missing_stop_penalty, critic_kind
         self.num_minibatches, self.gradient_accumulation_steps, self.seed = num_minibatches, gradient_accumulation_steps, seed
         self.kl_controller = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target is not None
                               else FixedKLController(kl_coef))
         self.value_head: ValueHead | None = None
-        self.critic: nn.Module | None = None
+        self.critic: nn.Module | None = None  # the separate critic (``critic_kind="separate"``), built at configure
         self.updates = 0
         self._pass: PolicyPass | None = None  # the experience's forward with its graph, for the single pass
 
@@ -263,10 +283,10 @@ class PPO(OnlineAlgorithm):
             # only logged when the bonus is off: then the full-vocabulary softmax stays out of the graph
             entropy = entropy_bonus(logits, mask, temperature, aggregation)
         loss = pg.loss + self.vf_coef * vf.loss - self.entropy_coef * entropy
-        return LossOutput(loss, units=pg.units, stats={
+        return LossOutput(loss, units=pg.units, approx_kl=pg.approxkl, stats={
             "train/loss": loss.detach(), "loss/policy": pg.loss.detach(), "loss/value": vf.loss.detach(),
             "policy/approxkl": pg.approxkl, "policy/clipfrac": pg.clipfrac, "policy/entropy": entropy.detach(),
-            "policy/ratio_mean": pg.ratio_mean, "val/clipfrac": vf.clipfrac,
+            "policy/ratio_mean": pg.ratio_mean, "value/clipfrac": vf.clipfrac,
         })
 
     # ------------------------------------------------------------------------------------------ after
@@ -292,11 +312,12 @@ class PPO(OnlineAlgorithm):
             "tokens/response_len_mean": float(mask.sum(-1).mean()),
             "tokens/ended_frac": float(rollout.ended.float().mean()),
             "policy/advantages_mean": float(masked_mean(experience.advantages, mask)),
-            "val/mean": float(masked_mean(experience.old_values, mask)),
+            "value/mean": float(masked_mean(experience.old_values, mask)),
         }
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def extra_state(self) -> dict[str, Any]:
+        """The adaptive KL coefficient and the count of updates (which seeds the minibatch shuffling)."""
         return {"kl_controller": self.kl_controller.state_dict(), "updates": self.updates}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:

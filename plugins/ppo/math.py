@@ -26,8 +26,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from alignkit.aggregation import LossAggregation, agg_loss
-from alignkit.ops import Reduce, entropy_from_logits, masked_mean, masked_whiten
+from alignkit import LossAggregation, Reduce, agg_loss, entropy_from_logits, masked_mean, masked_whiten
 
 __all__ = [
     "KLEstimator",

@@ -11,9 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignkit.plugin import Reward, RewardOutput
-from alignkit.rewards import ENSEMBLE_METHODS, EnsembleMethod, aggregate_ensemble
-from alignkit.types import Rollout
+from alignkit import ENSEMBLE_METHODS, EnsembleMethod, Reward, RewardOutput, Rollout, aggregate_ensemble
 from alignkit_plugins.rewards.model import RewardModelReward
 
 

@@ -25,10 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.manager import PluginError
-from alignkit.plugin import Reward, RewardOutput
-from alignkit.task import Task
-from alignkit.types import Rollout
+from alignkit import PluginError, Reward, RewardOutput, Rollout, Task
 
 RewardFunction = Callable[..., "list[float] | Tensor"]
 

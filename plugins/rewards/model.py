@@ -15,11 +15,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alignkit.data.modules import right_pad
-from alignkit.data.tokenize import TruncationStats, encode_prompt, encode_response, fit
-from alignkit.models.loading import ModelConfig, load_model, sequence_scores
-from alignkit.plugin import Reward, RewardOutput
-from alignkit.types import Rollout
+from alignkit import (
+    ModelConfig,
+    Reward,
+    RewardOutput,
+    Rollout,
+    TruncationStats,
+    encode_prompt,
+    encode_response,
+    load_model,
+    right_pad,
+    sequence_scores,
+    truncate_to_fit,
+)
 
 
 def resolve_model_dir(path: str) -> str:
@@ -94,8 +102,9 @@ class RewardModelReward(Reward):
             prompt_ids = encode_prompt(self.tokenizer, prompt, self.chat_template)
             response_ids = encode_response(self.tokenizer, prompt, prompt_ids, response, self.chat_template)
             if self.max_length is not None:
-                prompt_ids, (response_ids,) = fit(prompt_ids, [response_ids], self.max_length,
-                                                  self.max_prompt_length, "truncate", stats, f"response {i}")
+                prompt_ids, (response_ids,) = truncate_to_fit(prompt_ids, [response_ids], self.max_length,
+                                                              self.max_prompt_length, "truncate", stats,
+                                                              f"response {i}")
             rows.append(prompt_ids + response_ids)
         return rows
 

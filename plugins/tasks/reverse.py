@@ -6,7 +6,7 @@ import random
 import string
 from functools import cached_property
 
-from alignkit.task import Demonstration, Task
+from alignkit import Demonstration, Task
 
 #: How a faulty demonstrator gets an answer wrong; each fault changes the answer.
 FAULTS = ("swap", "substitute", "copy", "extra")

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from functools import cached_property
 
-from alignkit.task import Demonstration, Task
+from alignkit import Demonstration, Lexicon, Task
 
 ITEMS = (
     "pizza", "burger", "pasta", "salad", "soup", "steak", "sushi", "taco", "curry", "sandwich",
@@ -160,6 +160,12 @@ class SentimentTask(Task):
 
     def gold_reward(self, prompt: str, response: str) -> float:
         return sentiment_gold(prompt, response)
+
+    def lexicon(self) -> Lexicon:
+        """The words of the gold reward: positive and negative words, the function words whose repetition is
+        free, the reviewed items as topics and the longest response without a length penalty."""
+        return Lexicon(positive=POSITIVE_WORDS, negative=NEGATIVE_WORDS, ignored=FUNCTION_WORDS, topics=ITEMS,
+                       max_words=MAX_WORDS)
 
     def corpus(self) -> list[str]:
         vocabulary = [ITEMS, PLACES, DAYS, POSITIVE_WORDS, NEGATIVE_WORDS, NEUTRAL_WORDS, ASPECTS,

@@ -119,7 +119,7 @@ class RLOO(OnlineAlgorithm):
         logprobs = response_logprobs(module.policy, batch.sequences, batch.attention_mask, batch.prompt_length,
                                      self.sampling.temperature)  # differentiable: the training forward
         loss, stats = clipped_pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, self.clip_range)
-        return LossOutput(loss, {"train/loss": loss.detach(), **stats})
+        return LossOutput(loss, {"train/loss": loss.detach(), **stats}, approx_kl=stats["policy/approxkl"])
 
     @hookimpl
     def alignkit_metrics(self, module, rollout: Rollout, experience: GroupExperience) -> dict[str, float]:
