@@ -100,7 +100,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
             ``--seed=derive_seed(seed, <stage name>)``, except yardstick commands such as ``eval``
             (:mod:`alignkit.seeds`). A stage's own ``args`` win. None: each stage's recipe and options decide.
     """
-    from alignkit.cli import fit
+    from alignkit.fitting import fit
     from alignkit.run import default_run_dir, has_checkpoint
 
     for stage in stages:  # a stage's name is the name of its folder under run_dir

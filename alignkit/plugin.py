@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 hookimpl = pluggy.HookimplMarker("alignkit")
 
 ModelHead = Literal["causal_lm", "sequence_classification"]
-DataKind = Literal["sft", "preference", "prompt"]
+DataKind = Literal["sft", "preference", "prompt", "unpaired"]
 
 
 class Algorithm(nn.Module):
@@ -63,6 +63,9 @@ class OnlineAlgorithm(Algorithm):
 
     online: ClassVar[bool] = True
     data_kind: ClassVar[DataKind] = "prompt"
+    #: Whether a step needs a reward: the host refuses a run without reward plugins unless this is False
+    #: (on-policy distillation learns from a teacher; its steps then get zero scores).
+    needs_rewards: ClassVar[bool] = True
     #: How the rollout engine samples responses (``alignkit.defaults.DefaultRollout`` reads it); the default
     #: ``SamplingConfig()`` is set by ``__init__``, subclasses set their own after calling it.
     sampling: SamplingConfig

@@ -35,6 +35,8 @@ class Scoring:
         reward is not finite and ``skip_nonfinite`` skips the batch."""
         outputs: list[RewardOutput] = call_each(self.pm, "alignkit_score", RewardOutput, prompts=rollout.prompts,
                                                 responses=rollout.responses, rollout=rollout)
+        if not outputs and not getattr(self.algorithm, "needs_rewards", True):
+            return torch.zeros(len(rollout.prompts), device=self.device), {}
         if not outputs:
             raise PluginError("no reward plugin scored the rollout: list at least one under model.rewards")
         weights = {r.name: r.weight for r in self.rewards}

@@ -110,6 +110,7 @@ def test_gkd_recipe_runs_end_to_end(sft_run, tmp_path):
     run_dir = tmp_path / "gkd"
     run_cli(["fit", "--config", RECIPES / "gkd.yaml", *TINY_MODEL, *QUIET,
              f"--model.algorithm.init_args.teacher={sft_run / 'model'}", "--model.algorithm.init_args.lmbda=0.5",
+             "--model.rewards=[]",  # GKD needs no reward (needs_rewards = False)
              "--model.algorithm.init_args.sampling.max_new_tokens=12", "--model.optimizer.warmup_steps=0",
              "--data.init_args.task.init_args.num_train_prompts=64", "--data.init_args.batch_size=8",
              "--trainer.max_steps=6", "--run_dir", run_dir])

@@ -83,6 +83,8 @@ def response_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor,
 class GKD(OnlineAlgorithm):
     """On-policy distillation of a frozen teacher into the policy (the student)."""
 
+    needs_rewards = False  # the teacher is the signal: reward plugins, if any, only monitor
+
     def __init__(
         self,
         teacher: str,

@@ -19,7 +19,7 @@ from alignkit import (
     masked_sum,
     token_logprobs,
 )
-from alignkit_plugins.kto.data import UNPAIRED, UnpairedBatch
+from alignkit_plugins.kto.data import UnpairedBatch
 from alignkit_plugins.kto.losses import RECOMMENDED_RATIO, check_kto_args, kto_loss, kto_stats, weight_ratio
 
 
@@ -52,7 +52,7 @@ class KTO(Algorithm):
     """
 
     needs_reference = True
-    data_kind = UNPAIRED  # a kind outside alignkit.plugin.DataKind (a plain string works at run time)
+    data_kind = "unpaired"
 
     def __init__(self, beta: float = 0.1, desirable_weight: float | Literal["auto"] = 1.0,
                  undesirable_weight: float = 1.0):
