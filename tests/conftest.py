@@ -41,6 +41,45 @@ QUIET = ["--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.enab
          "--trainer.log_every_n_steps=1"]
 
 
+#: Tests (or every case of a parametrized test) marked ``slow``: each takes, with its module fixture, more than ~10 s
+#: on the shared 2-core machine (``--durations``); with tests/test_distributed.py (marked ``distributed``) they are left
+#: out of the unit tier, ``python -m pytest -m "not slow and not distributed"``. CI runs everything. Listed here rather
+#: than decorated in place so that files other people are editing are not touched; a decorator works as well.
+SLOW = {
+    "tests/test_study.py::test_smoke_study_local",  # module fixture smoke_study (a whole study)
+    "tests/test_study.py::test_smoke_study_resumes_on_ray",
+    "tests/test_resume.py::test_resumed_run_logs_to_the_same_wandb_run",
+    "tests/test_resume.py::test_killed_run_resumes_to_the_same_result",
+    "tests/test_run_directory.py::test_sigterm_checkpoints_at_the_step_exits_75_and_resumes_exactly",
+    "tests/test_run_directory.py::test_crashed_ppo_run_keeps_metrics_rows_in_logger_steps_and_never_loses_them",
+    "tests/test_run_directory.py::test_checkpoints_are_verified_and_a_damaged_one_falls_back_or_stops_in_one_line",
+    "tests/test_run_directory.py::test_resume_refuses_a_changed_configuration_unless_told_and_then_applies_it",
+    "tests/test_seeds.py::test_one_seed_drives_every_stage_of_a_pipeline",
+    "tests/test_iterative.py::test_resume_does_not_redo_round_1",  # module fixture two_rounds
+    "tests/test_iterative.py::test_labels_accumulate_across_rounds",
+    "tests/test_iterative.py::test_round_2_warm_starts_the_rm_and_anchors_ppo_to_sft",
+    "tests/test_iterative.py::test_per_round_metrics_and_curves",
+    # module fixture ppo_runs
+    "tests/test_gold_eval.py::test_ppo_trajectory_is_logged_at_the_start_every_multiple_and_the_end",
+    "tests/test_gold_eval.py::test_training_is_bit_identical_with_and_without_gold_eval",
+    "tests/test_gold_eval.py::test_resumed_run_trims_the_trajectory_and_continues_it",
+    "tests/test_data_formats.py::test_json_files_do_not_import_datasets",
+    "tests/test_cpu_memory.py::test_freed_memory_is_reused_without_page_faults",
+    "tests/test_cpu_memory.py::test_users_malloc_variables_win",
+    "tests/test_docs.py::test_reference_is_up_to_date",
+    "tests/test_evaluation.py::test_evaluate_through_the_cli",
+    "tests/test_ppo_plugin.py::test_ppo_run_changes_weights_and_raises_the_proxy_reward",
+    "tests/test_recipes.py::test_reverse_rlvr_recipe_runs_end_to_end",
+    "tests/test_bench.py::test_smoke_bench_reports_every_stage",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[", 1)[0] in SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state, and with no global seed left by an earlier test's

@@ -34,6 +34,9 @@ from alignkit_plugins.reward_model import RewardModel
 from alignkit_plugins.sft import SFT
 from alignkit_plugins.tasks import SentimentTask
 
+#: every test here launches several training processes; the unit tier (-m "not slow and not distributed") skips them
+pytestmark = pytest.mark.distributed
+
 TOLERANCE = 0.01  # measured: sft 0.0008, rm/dpo/ppo < 1e-4
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 COMMON = ["--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
@@ -73,6 +76,44 @@ def fit(run_dir: Path, devices: int, batch_size: int, args: list[str], strategy:
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir / "model"
+
+
+def fit_in_process(run_dir: Path, batch_size: int, args: list[str]) -> Path:
+    """``fit(run_dir, devices=1, ...)`` in the pytest process: the same command line, so the same trained model
+    (one process either way: the same seed, one intra-op thread as ``OMP_NUM_THREADS=1``, see conftest.py), without
+    a fresh interpreter's ~10 s of imports. Environment, working directory and torch's determinism flag come back."""
+    from alignkit.cli import main
+
+    environ, cwd = dict(os.environ), os.getcwd()
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    os.environ.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    torch.set_num_threads(1)
+    os.chdir(ROOT)  # the recipes' relative paths, as the subprocess's cwd
+    try:
+        main(["fit", *args, *COMMON, "--run_dir", str(run_dir), "--trainer.devices=1",
+              f"--data.init_args.batch_size={batch_size}"])
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    return run_dir / "model"
+
+
+@pytest.fixture(scope="module")
+def single_process(inputs, tmp_path_factory):
+    """``single_process(name)``: the model of the 1-process reference run of case ``name`` (global batch 8), trained
+    once per module and shared by every strategy compared against it."""
+    models: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in models:
+            models[name] = fit_in_process(tmp_path_factory.mktemp(f"single_{name}") / "single", batch_size=8,
+                                          args=CASES[name][0](inputs))
+        return models[name]
+
+    return get
 
 
 @torch.no_grad()
@@ -139,14 +180,14 @@ STRATEGIES = [*((name, "ddp") for name in ("sft", "rm", "dpo", "ppo")), *((name,
 
 
 @pytest.mark.parametrize(("name", "strategy"), STRATEGIES)
-def test_two_processes_match_one_process(name, strategy, inputs, tmp_path):
+def test_two_processes_match_one_process(name, strategy, inputs, single_process, tmp_path):
     """DDP, FSDP FULL_SHARD and FSDP2 (whose final exports gather the sharded weights) against one process. PPO
     under FSDP2 also generates with the gathered policy and trains a sharded value head."""
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
     args, (algorithm, policy) = CASES[name][0](inputs), CASES[name][1](inputs)
     initial, tokenizer = initial_model(algorithm, policy)
-    single = fit(tmp_path / "single", devices=1, batch_size=8, args=args)
+    single = single_process(name)
     ddp = fit(tmp_path / strategy, devices=2, batch_size=4, args=args,
               strategy={"fsdp": FSDP, "fsdp2": FSDP2, "ddp": "--trainer.strategy=ddp", "zero2": ZERO2,
                         "zero3": ZERO3}[strategy])
@@ -159,7 +200,7 @@ def test_two_processes_match_one_process(name, strategy, inputs, tmp_path):
     assert gap < TOLERANCE
 
 
-def test_two_nodes_launched_by_torchrun_match_one_process(inputs, tmp_path):
+def test_two_nodes_launched_by_torchrun_match_one_process(inputs, single_process, tmp_path):
     """The multi-node launch path on one machine: two ``torchrun --nnodes=2 --node_rank=…`` launches of one process
     each (as on two nodes), ``--trainer.num_nodes=2``, DDP over gloo, one shared run directory. PPO against one
     process, as above."""
@@ -167,7 +208,7 @@ def test_two_nodes_launched_by_torchrun_match_one_process(inputs, tmp_path):
 
     args, (algorithm, policy) = CASES["ppo"][0](inputs), CASES["ppo"][1](inputs)
     initial, tokenizer = initial_model(algorithm, policy)
-    single = fit(tmp_path / "single", devices=1, batch_size=8, args=args)
+    single = single_process("ppo")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
