@@ -88,6 +88,7 @@ _EXPORTS: dict[str, str] = {
     "append_jsonl": "alignkit.io",
     "atomic_write_text": "alignkit.io",
     "atomic_write_json": "alignkit.io",
+    "atomic_write_bytes": "alignkit.io",
     # runs: training, evaluating, run directories
     "fit": "alignkit.fitting",
     "finish_wandb_run": "alignkit.fitting",
@@ -122,11 +123,25 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from alignkit.errors import DataError, NonFiniteError, PluginError, RunExistsError
     from alignkit.evaluation import evaluate
     from alignkit.fitting import finish_wandb_run, fit
-    from alignkit.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+    from alignkit.io import (
+        append_jsonl,
+        atomic_write_bytes,
+        atomic_write_json,
+        atomic_write_text,
+        read_jsonl,
+        write_jsonl,
+    )
     from alignkit.models.final_layer import last_columns
     from alignkit.models.loading import ModelConfig, load_model, sequence_scores
-    from alignkit.ops import (Reduce, entropy_from_logits, first_target_column, masked_mean, masked_sum,
-                              masked_whiten, token_logprobs)
+    from alignkit.ops import (
+        Reduce,
+        entropy_from_logits,
+        first_target_column,
+        masked_mean,
+        masked_sum,
+        masked_whiten,
+        token_logprobs,
+    )
     from alignkit.pairs import CHOSEN, REJECTED, SharedPromptPairs, check_shared_prompt, share_prompts
     from alignkit.plugin import Algorithm, OnlineAlgorithm, Reward, RewardOutput, hookimpl
     from alignkit.rewards import ENSEMBLE_METHODS, EnsembleMethod, aggregate_ensemble

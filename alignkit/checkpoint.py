@@ -21,20 +21,28 @@ import random
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
 from alignkit.errors import WriteFailed  # noqa: F401  (imported from here by the CLI)
+
 # the generic write helpers live in alignkit.io; imported here too for the code that imports them from here
-from alignkit.io import (WRITE_ERRNOS, as_write_failed, atomic_write_bytes, fsync_dir,  # noqa: F401
-                         temporary_name, write_errno)
+from alignkit.io import (  # noqa: F401
+    WRITE_ERRNOS,
+    as_write_failed,
+    atomic_write_bytes,
+    fsync_dir,
+    temporary_name,
+    write_errno,
+)
 
 try:
     import numpy as np
 except ImportError:  # numpy is optional: its generator is saved only when it is installed
-    np = None
+    np = None  # type: ignore[assignment]  # (a module or None; every use checks `np is not None`)
 
 
 #: The exit code of a run stopped by a write that failed (``EX_IOERR`` of ``sysexits.h``).
@@ -108,7 +116,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     stale.unlink(missing_ok=True)
             with open(tmp, "xb") as f:  # unlike mkstemp, the file gets the usual permissions (umask)
                 writer = _HashingWriter(f)
-                torch.save(checkpoint, writer)
+                torch.save(checkpoint, cast(BinaryIO, writer))  # a file as far as torch.save goes (write, flush)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException as exc:
@@ -294,9 +302,10 @@ class LastCheckpoint(ModelCheckpoint):
             raise ValueError(f"--checkpoint_every must be >= 1, got {every}")
         if keep < 1:
             raise ValueError(f"--keep_checkpoints must be >= 1, got {keep}")
-        triggers = {"every_n_train_steps": every} if every else {"every_n_epochs": 1}
+        # the trigger: every `every` training steps, else every epoch (None: ModelCheckpoint's default, off)
         super().__init__(dirpath=dirpath, filename=CHECKPOINT_NAME, auto_insert_metric_name=False, monitor="step",
-                         mode="max", save_top_k=keep, save_last="link", enable_version_counter=False, **triggers)
+                         mode="max", save_top_k=keep, save_last="link", enable_version_counter=False,
+                         every_n_train_steps=every if every else None, every_n_epochs=None if every else 1)
         self.every, self.keep = every, keep
         self.deferred = False
         self._staged_at: int | None = None  # batches begun when the staged checkpoint was saved
@@ -385,6 +394,7 @@ class LastCheckpoint(ModelCheckpoint):
         (Lightning keeps that one forever)."""
         if previous == current or "://" in previous or Path(previous).name == LAST_NAME:
             return False
+        assert self.dirpath is not None  # given to __init__
         return Path(self.dirpath).absolute() in Path(previous).absolute().parents
 
     def _link_checkpoint(self, trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]

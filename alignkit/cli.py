@@ -27,9 +27,19 @@ from alignkit.fitting import finish_wandb_run, fit, wandb_run_id  # noqa: F401  
 from alignkit.io import atomic_write_text, write_errno
 from alignkit.lock import RunLock, is_launch_rank_zero
 from alignkit.module import AlignModule
-from alignkit.run import (CONFIG_FILE, ConfigChangedError, NewHyperparameters, RunCSVLogger, RunDirectory,
-                          check_fresh, check_resume_config, default_run_dir, describe_changes, record_changes,
-                          resume_checkpoint)
+from alignkit.run import (
+    CONFIG_FILE,
+    ConfigChangedError,
+    NewHyperparameters,
+    RunCSVLogger,
+    RunDirectory,
+    check_fresh,
+    check_resume_config,
+    default_run_dir,
+    describe_changes,
+    record_changes,
+    resume_checkpoint,
+)
 from alignkit.seeds import fill_seeds, global_seed
 from alignkit.signals import Preempted, StopOnSignal
 
@@ -158,7 +168,9 @@ class AlignCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self.default_loggers(run_dir)
-        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), RunDirectory(run_dir, self.recipe), StopOnSignal()]
+        kwargs["callbacks"] = [
+            *(trainer_cfg.get("callbacks") or []), RunDirectory(run_dir, self.recipe), StopOnSignal(),
+        ]
         if cfg.get("resume_with_changes"):
             kwargs["callbacks"].append(NewHyperparameters())
         if trainer_cfg.get("enable_checkpointing", True) is not False:
@@ -184,11 +196,11 @@ class AlignCLI(LightningCLI):
             group = self._cfg.experiment or (Path(self.recipe).stem if self.recipe else "alignkit")
             os.environ.setdefault("WANDB_SILENT", "true")
             # A resumed run keeps its wandb run id (offline runs then write a second folder under that id).
+            # (resume="allow" is also WandbLogger's default: a new run without an id)
             previous = wandb_run_id(run_dir) if self._cfg.get("resume") else None
-            resumed = {"id": previous, "resume": "allow"} if previous else {}
             loggers.append(WandbLogger(project="alignkit", save_dir=str(run_dir), offline=True, group=group,
                                        tags=[algorithm], name=f"{group}/{run_dir.name}", job_type=algorithm,
-                                       config=self._cfg.clone().as_dict(), **resumed))
+                                       config=self._cfg.clone().as_dict(), id=previous or None, resume="allow"))
         return loggers
 
 

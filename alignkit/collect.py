@@ -24,8 +24,12 @@ def sample_pairs(model, tokenizer, prompts: list[str], sampling: SamplingConfig,
     """Two independent samples per prompt; pairs whose two responses are identical are left out (they
     carry no preference)."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    first = [r for ro in sample_texts(model, tokenizer, prompts, sampling, batch_size, generator) for r in ro.responses]
-    second = [r for ro in sample_texts(model, tokenizer, prompts, sampling, batch_size, generator) for r in ro.responses]
+    first = [
+        r for ro in sample_texts(model, tokenizer, prompts, sampling, batch_size, generator) for r in ro.responses
+    ]
+    second = [
+        r for ro in sample_texts(model, tokenizer, prompts, sampling, batch_size, generator) for r in ro.responses
+    ]
     kept = [(p, a, b) for p, a, b in zip(prompts, first, second) if a.strip() and b.strip() and a != b]
     return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
 
@@ -34,7 +38,12 @@ def label_summary(pairs: list[PreferencePair]) -> dict[str, float]:
     decided = [p for p in pairs if p.gold_chosen != p.gold_rejected]  # gold ties have no right answer
     agree = sum(p.gold_chosen > p.gold_rejected for p in decided) / max(len(decided), 1)
     gold = [g for p in pairs for g in (p.gold_chosen, p.gold_rejected)]
-    return {"pairs": len(pairs), "pairs/gold_ties": len(pairs) - len(decided), "labels/agree_with_gold": agree, "labels/mean_gold": sum(gold) / max(len(gold), 1)}
+    return {
+        "pairs": len(pairs),
+        "pairs/gold_ties": len(pairs) - len(decided),
+        "labels/agree_with_gold": agree,
+        "labels/mean_gold": sum(gold) / max(len(gold), 1),
+    }
 
 
 def collect(policy: str, task: Task, annotator: SimulatedAnnotator = SimulatedAnnotator(),

@@ -4,9 +4,9 @@ options (``alignkit <command> --help`` documents them from the docstring)."""
 from __future__ import annotations
 
 import inspect
-import json
 import re
 import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +19,7 @@ from alignkit.data.formats import DataError
 from alignkit.evaluation import evaluate
 from alignkit.manager import PluginError, discover
 from alignkit.module import NonFiniteError
-from alignkit.run import METRICS_FILE, MODEL_DIR, RunExistsError, read_metrics
+from alignkit.run import METRICS_FILE, RunExistsError
 from alignkit.seeds import derive_seed
 
 USER_ERRORS = (DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
@@ -67,7 +67,7 @@ def substitute(arg: str, outputs: dict[str, Path]) -> str:
 FIXED_SEED_COMMANDS = frozenset({"eval"})
 
 
-def stage_seed_args(stage: Stage, seed: int, commands: dict[str, object]) -> list[str]:
+def stage_seed_args(stage: Stage, seed: int, commands: Mapping[str, Callable[..., Any]]) -> list[str]:
     """The arguments by which the pipeline's ``seed`` reaches a stage, placed before the stage's own ``args``
     (which therefore win): ``--seed_everything=derive_seed(seed, <stage name>)`` for a ``fit`` stage (its internal
     seeds derive from that, :mod:`alignkit.seeds`; two stages of one recipe, e.g. the members of a reward ensemble,
@@ -75,7 +75,7 @@ def stage_seed_args(stage: Stage, seed: int, commands: dict[str, object]) -> lis
     for a command without one or whose seed is a yardstick (:data:`FIXED_SEED_COMMANDS`, ``fixed_seed``)."""
     if stage.command == "fit":
         return [f"--seed_everything={derive_seed(seed, stage.name)}"]
-    function: Any = commands[stage.command]
+    function = commands[stage.command]
     if stage.command in FIXED_SEED_COMMANDS or getattr(function, "fixed_seed", False):
         return []
     if "seed" not in inspect.signature(function).parameters:
@@ -143,7 +143,7 @@ COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval"
 COMMAND_GROUP = "alignkit.commands"
 
 
-def available() -> dict[str, object]:
+def available() -> dict[str, Callable[..., Any]]:
     """The built-in commands and those plugins register in the ``alignkit.commands`` entry-point group
     (name → typed function), e.g. Constitutional AI's ``cai-revise``."""
     from importlib.metadata import entry_points

@@ -328,9 +328,9 @@ def _figure(panels: int, width: float = 5.6, height: float = 4.4):
 def plot_reward_vs_kl(series: list[KLSeries], path: Path, x: Literal["kl", "sqrt_kl"]) -> None:
     """Two panels, gold and proxy reward against ``x``: one colour and marker per series, each point
     labelled with its policy's name; the best-of-n baseline is a hollow marker (gold panel only)."""
-    from matplotlib import colormaps
+    from matplotlib import color_sequences
 
-    colors = colormaps["tab10"].colors
+    colors = color_sequences["tab10"]  # (the colours of the tab10 colour map)
     fig, (gold_ax, proxy_ax) = _figure(2)
     xlabel = "KL(π ‖ π_ref)  [nats]" if x == "kl" else "√KL(π ‖ π_ref)  [√nats]"
     for ax, attr, title in ((gold_ax, "gold", "Gold reward"), (proxy_ax, "proxy", "Proxy reward")):
@@ -365,9 +365,9 @@ def plot_reward_vs_kl(series: list[KLSeries], path: Path, x: Literal["kl", "sqrt
 
 def plot_steps(series: list[StepSeries], path: Path) -> None:
     """One panel per plotted metric (runs of different algorithms log different ones), one line per run."""
-    from matplotlib import colormaps
+    from matplotlib import color_sequences
 
-    colors = colormaps["tab10"].colors
+    colors = color_sequences["tab10"]  # (the colours of the tab10 colour map)
     metrics = list(dict.fromkeys(s.metric for s in series))
     fig, axes = _figure(len(metrics), width=5.2)
     for ax, metric in zip(axes, metrics):
@@ -432,7 +432,9 @@ def compare(runs: list[str], out: str | None = None, names: list[str] | None = N
         (dest / file).unlink(missing_ok=True)  # a plot of an earlier comparison never passes for this one's
     plots, skipped = [], []
     series = kl_series(loaded)
-    for axis, file in (("kl", GOLD_VS_KL_PNG), ("sqrt_kl", GOLD_VS_SQRT_KL_PNG)):
+    kl_plots: tuple[tuple[Literal["kl", "sqrt_kl"], str], ...] = (("kl", GOLD_VS_KL_PNG),
+                                                                  ("sqrt_kl", GOLD_VS_SQRT_KL_PNG))
+    for axis, file in kl_plots:
         if x not in (axis, "both"):
             continue
         if series:

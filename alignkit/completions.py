@@ -28,7 +28,9 @@ class Completions(L.Callback):
         self.rows: list[list[Any]] = []  # every row so far, for the wandb table
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        sampled, pl_module.sampled = getattr(pl_module, "sampled", None), None
+        sampled = getattr(pl_module, "sampled", None)
+        # Taken: nothing is kept past the batch. (By name: `nn.Module` types its attributes as tensors or modules.)
+        setattr(pl_module, "sampled", None)
         if sampled is None:
             return
         rollout, scores = sampled
@@ -39,6 +41,7 @@ class Completions(L.Callback):
         rows = [[step, rollout.prompts[i], rollout.responses[i], float(scores[i])] for i in range(n)]
         self.rows.extend(rows)
         path = Path(trainer.default_root_dir) / "completions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             for step, prompt, response, score in rows:
                 f.write(json.dumps({"step": step, "prompt": prompt, "response": response, "score": score}) + "\n")

@@ -9,13 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    # The mixin is combined with `LightningModule` in `AlignModule`; type checkers see that base, run time does not
+    # (importing Lightning here would slow down `import alignkit.distributed`, which `alignkit.defaults` does).
+    from lightning import LightningModule as _LightningModule
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
-class DataParallel:
+    from alignkit.plugin import Algorithm
+else:
+    _LightningModule = object
+
+
+class DataParallel(_LightningModule):
     """Reductions over data-parallel ranks and FSDP2 sharding, for a ``LightningModule`` with a ``policy``, an
     ``algorithm`` and ``FROZEN_PREFIXES`` (the state-dict prefixes of the frozen models)."""
+
+    # Set by the host (`AlignModule`): declared here for type checkers only.
+    policy: PreTrainedModel | PeftModel
+    algorithm: Algorithm
+    FROZEN_PREFIXES: ClassVar[tuple[str, ...]]
 
     @property
     def world_size(self) -> int:
@@ -31,7 +48,8 @@ class DataParallel:
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` stacked: ``(world, *shape)`` (same shape on every rank)."""
-        return self.all_gather(tensor) if self.world_size > 1 else tensor.unsqueeze(0)
+        # (`all_gather` also takes collections of tensors, hence its loose return type)
+        return cast(Tensor, self.all_gather(tensor)) if self.world_size > 1 else tensor.unsqueeze(0)
 
     def configure_model(self) -> None:
         """Under Lightning's ``ModelParallelStrategy``, shard what trains with FSDP2 (``fully_shard``) over the
@@ -53,12 +71,13 @@ class DataParallel:
         # The strategy loads a resumed checkpoint into the sharded model itself, before `on_load_checkpoint` can
         # add the frozen models' weights that checkpoints leave out (they are rebuilt from their sources).
         self.strict_loading = not any(k.startswith(self.FROZEN_PREFIXES) for k in self.state_dict())
+        assert self.device_mesh is not None  # ModelParallelStrategy sets it up before `configure_model`
         mesh = self.device_mesh["data_parallel"]
         units = tuple(getattr(self.policy, "_no_split_modules", None) or ())
         for module in self.policy.modules():
             if type(module).__name__ in units:
                 fully_shard(module, mesh=mesh)
-        base = unwrap_peft(self.policy)
+        base = cast("PreTrainedModel", unwrap_peft(self.policy))
         head = getattr(base, "score", None)
         if isinstance(head, nn.Module):  # `sequence_scores` calls a classifier's backbone and head directly
             fully_shard(getattr(base, base.base_model_prefix), mesh=mesh)
@@ -78,7 +97,10 @@ def zero3(module) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     strategy = module.trainer.strategy if module._trainer is not None else None
-    return isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get("stage") == 3
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return False
+    assert strategy.config is not None  # DeepSpeedStrategy.__init__ always builds its config
+    return strategy.config.get("zero_optimization", {}).get("stage") == 3
 
 
 @contextmanager
@@ -92,8 +114,9 @@ def full_parameters(module) -> Iterator[None]:
     """
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(module.policy, FSDPModule):  # FSDP2: gather every unit once, keep it whole while decoding
-        units = [m for m in module.policy.modules() if isinstance(m, FSDPModule)]
+    policy: nn.Module = module.policy
+    if isinstance(policy, FSDPModule):  # FSDP2: gather every unit once, keep it whole while decoding
+        units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
         for unit in units:
             unit.unshard()
             unit.set_reshard_after_forward(False, recurse=False)

@@ -26,10 +26,10 @@ import re
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from alignkit.data.formats import load_prompts
 from alignkit.io import atomic_write_json
@@ -502,14 +502,18 @@ def evaluate(policies: dict[str, str], task: Task | None = None, prompts: str | 
     if task is None and prompts is None:
         raise ValueError("give --task (its evaluation prompts and gold reward) or --prompts FILE (your own prompts)")
     policies, ref_name = _resolve_reference(policies, reference)
-    texts = load_prompts(prompts) if prompts is not None else task.eval_prompts()
-    origin = f"prompts from {prompts}" if prompts is not None else f"{task.name} prompts"
+    if prompts is not None:
+        texts, origin = load_prompts(prompts), f"prompts from {prompts}"
+    else:
+        assert task is not None  # checked above: --task or --prompts
+        texts, origin = task.eval_prompts(), f"{task.name} prompts"
     if num_prompts is not None:
         if not 1 <= num_prompts <= len(texts):
             where = f"the prompts of {prompts}" if prompts is not None else "the task's evaluation prompts"
             raise ValueError(f"num_prompts must lie in [1, {len(texts)}] ({where}), got {num_prompts}")
         texts = texts[:num_prompts]
     if not texts:
+        assert task is not None  # load_prompts refuses a file without prompts
         raise ValueError(f"task {task.name!r} has no evaluation prompts")
     if task is not None:
         sampling = with_task_stop(sampling, task)
@@ -533,7 +537,8 @@ def evaluate(policies: dict[str, str], task: Task | None = None, prompts: str | 
 
     def load(path: str):
         model, tokenizer = load_model(ModelConfig(name_or_path=path), "causal_lm")
-        return model.to(device).eval(), tokenizer
+        # (transformers' @wraps(nn.Module.to) hides the method from mypy)
+        return cast(nn.Module, model).to(device).eval(), tokenizer
 
     ref_model, ref_tokenizer = load(policies[ref_name])
     if prompts is not None:
@@ -582,7 +587,9 @@ def evaluate(policies: dict[str, str], task: Task | None = None, prompts: str | 
         _log(out, name, result, settings, wandb)
     atomic_write_json(out / METRICS_FILE, {
         "settings": settings,
-        "policies": {name: {"path": policies[name], **asdict(r), "metrics": r.metrics()} for name, r in results.items()},
+        "policies": {
+            name: {"path": policies[name], **asdict(r), "metrics": r.metrics()} for name, r in results.items()
+        },
     })
     print(_table(results, ref_name))
     if best_of_n_gold is not None:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -43,6 +43,9 @@ from alignkit.io import append_jsonl, atomic_write_text, parse_jsonl_line
 from alignkit.plugin import Reward
 from alignkit.rollout import SamplingConfig
 from alignkit.task import Task
+
+if TYPE_CHECKING:
+    from alignkit.module import AlignModule
 
 #: The trajectory file in the run directory (``trainer.default_root_dir``).
 GOLD_EVAL_FILE = "gold_eval.jsonl"
@@ -119,7 +122,8 @@ class GoldEval(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if sum(isinstance(c, GoldEval) for c in trainer.callbacks) > 1:
+        # (Lightning's callback connector sets Trainer.callbacks without declaring it on the class)
+        if sum(isinstance(c, GoldEval) for c in trainer.callbacks) > 1:  # type: ignore[attr-defined]
             raise ValueError(f"trainer.callbacks holds more than one GoldEval; they would share {GOLD_EVAL_FILE}")
         prompts = self.task.eval_prompts()
         if self.num_prompts > len(prompts):
@@ -127,10 +131,11 @@ class GoldEval(L.Callback):
                              f"{len(prompts)} evaluation prompts (raise its num_eval_prompts)")
         self.prompts = prompts[:self.num_prompts]
         # Setup runs before a resumed run loads its checkpoint: the policy still holds its initial weights.
-        if pl_module.reference is not None:
-            self._reference = pl_module.reference
-        elif not hasattr(pl_module.policy, "disable_adapter"):  # LoRA: reference_model() disables the adapters
-            self._reference = copy.deepcopy(pl_module.policy).requires_grad_(False).eval()
+        module = cast("AlignModule", pl_module)  # the policy (and reference) GoldEval evaluates
+        if module.reference is not None:
+            self._reference = module.reference
+        elif not hasattr(module.policy, "disable_adapter"):  # LoRA: reference_model() disables the adapters
+            self._reference = copy.deepcopy(module.policy).requires_grad_(False).eval()
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step}
@@ -187,19 +192,21 @@ class GoldEval(L.Callback):
     @contextmanager
     def reference_model(self, pl_module: L.LightningModule) -> Iterator[nn.Module]:
         """π_ref: the reference held since setup, else the module's (the policy with its adapters disabled)."""
-        with nullcontext(self._reference) if self._reference is not None else pl_module.reference_model() as ref:
+        module = cast("AlignModule", pl_module)
+        with nullcontext(self._reference) if self._reference is not None else module.reference_model() as ref:
             yield ref
 
     @contextmanager
     def _isolated(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
         """No gradients, the training precision, and afterwards every random state and the policy's modes as
         they were."""
-        generators = pl_module.owned_generators() if hasattr(pl_module, "owned_generators") else {}
+        align_module = cast("AlignModule", pl_module)
+        generators = align_module.owned_generators() if hasattr(align_module, "owned_generators") else {}
         if self.reward is not None:
             generators.update({f"gold_eval.reward.{k}": v for k, v in vars(self.reward).items()
                                if isinstance(v, torch.Generator)})
         states = rng_states(generators)
-        modes = [(m, m.training) for m in pl_module.policy.modules()]
+        modes = [(m, m.training) for m in align_module.policy.modules()]
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 yield
@@ -218,6 +225,7 @@ class GoldEval(L.Callback):
                 samples = score_samples(rollouts, reference, self.task, self.proxy(pl_module),
                                         self.sampling.temperature)
         assert self._reference_gold is not None, "the reference's responses are sampled in on_train_start"
+        assert samples.gold is not None  # scored with the task's gold reward
         metrics = {"eval/gold_reward": _mean(samples.gold)}
         if samples.proxy is not None:
             metrics["eval/proxy_reward"] = _mean(samples.proxy)

@@ -3,19 +3,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from alignkit.checkpoint import rng_states, set_rng_states
 
+if TYPE_CHECKING:
+    # The mixin is combined with `LightningModule` in `AlignModule`: type checkers see that base, run time does not.
+    from lightning import LightningModule as _LightningModule
+    from torch import nn
 
-class CheckpointState:
+    from alignkit.plugin import Algorithm
+    from alignkit.rewards import RunningMoments
+else:
+    _LightningModule = object
+
+
+class CheckpointState(_LightningModule):
     """Checkpoints hold what trains, not the frozen models (rebuilt from their sources at start-up), plus the
     running reward statistics (``reward_moments``), the algorithm's :meth:`~alignkit.plugin.Algorithm.extra_state`
     and the state of the ``torch.Generator`` attributes of the algorithm and the reward plugins."""
 
-    FROZEN_PREFIXES = ("reference.", "rewards.")
+    FROZEN_PREFIXES: ClassVar[tuple[str, ...]] = ("reference.", "rewards.")
+
+    # Set by the host (`AlignModule`): declared here for type checkers only.
+    algorithm: Algorithm
+    rewards: nn.ModuleList
+    reward_moments: RunningMoments
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen models are rebuilt from their sources at start-up: checkpoints hold only what trains.

@@ -17,7 +17,7 @@ import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, AnyStr
 
 from alignkit.errors import DataError, WriteFailed
 
@@ -80,6 +80,12 @@ def temporary_name(path: Path, suffix: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{suffix}")
 
 
+def _write_synced(f: IO[AnyStr], data: AnyStr) -> None:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _write_and_replace(path: Path, data: bytes | str) -> None:
     """``data`` into ``path`` through a temporary file in the same folder (:func:`temporary_name`), fsync and
     rename (``str`` in text mode without newline translation); a failure removes the temporary file and
@@ -87,10 +93,12 @@ def _write_and_replace(path: Path, data: bytes | str) -> None:
     tmp = temporary_name(path)
     try:
         # "x": unlike mkstemp, the file gets the usual permissions (umask)
-        with (open(tmp, "xb") if isinstance(data, bytes) else open(tmp, "x", newline="")) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if isinstance(data, bytes):
+            with open(tmp, "xb") as binary:
+                _write_synced(binary, data)
+        else:
+            with open(tmp, "x", newline="") as text:
+                _write_synced(text, data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -12,13 +12,15 @@ import copy
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from alignkit import ops, process
 from alignkit.aggregation import StepMean
@@ -31,11 +33,14 @@ from alignkit.models.dropout import disable_dropout as zero_dropout
 from alignkit.models.frozen_precision import store_in_compute_dtype
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.optim import OptimizerConfig, OptimizerHooks
-from alignkit.plugin import Algorithm, Reward
+from alignkit.plugin import Algorithm, OnlineAlgorithm, Reward
 from alignkit.rewards import RunningMoments
 from alignkit.scoring import RewardCombination, Scoring
 from alignkit.step_logging import StepLogging
 from alignkit.types import LossOutput, Rollout
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = ["AlignModule", "NonFiniteError", "OptimizerConfig", "PluginError", "RewardCombination"]
 
@@ -80,7 +85,8 @@ class AlignModule(DataParallel, OptimizerHooks, Scoring, StepLogging, Checkpoint
                 ``completions.jsonl`` in the run directory and to a wandb table that keeps every step's rows.
             retain_cpu_memory: when training on CPU, make glibc keep freed memory for reuse instead of returning
                 it to the OS after each step, where every new page costs a page fault (``alignkit.cpu_memory``;
-                measured in benchmarks/README.md#cpu-memory). Process-wide; skipped when a ``MALLOC_*_`` variable is set.
+                measured in benchmarks/README.md#cpu-memory). Process-wide; skipped when a ``MALLOC_*_`` variable is
+                set.
             disable_dropout: set every dropout probability of the policy, reference, critic and reward models to 0
                 (``alignkit.models.dropout``), as TRL does: with dropout, two forwards of the same weights differ, so
                 PPO's ratio, π_old, values and KL are noisy. The saved config keeps its dropout values.
@@ -99,9 +105,10 @@ class AlignModule(DataParallel, OptimizerHooks, Scoring, StepLogging, Checkpoint
         self.policy.train()  # `from_pretrained` returns eval mode; the trained model must run in train mode
         self.reference = self._build_reference(reference) if algorithm.needs_reference else None
         self.rewards = nn.ModuleList(rewards or [])
-        names = [r.name for r in self.rewards]
+        names = [r.name for r in rewards or []]
         if len(set(names)) < len(names):
-            raise ValueError(f"model.rewards: two rewards share a name ({', '.join(names)}); give each a distinct `name`")
+            raise ValueError(f"model.rewards: two rewards share a name ({', '.join(names)}); "
+                             "give each a distinct `name`")
         self.rewards.requires_grad_(False)
         if disable_dropout:  # before `alignkit_configure`, so a critic copied from the policy has none either
             for model in (self.policy, self.reference, *self.rewards):
@@ -121,8 +128,8 @@ class AlignModule(DataParallel, OptimizerHooks, Scoring, StepLogging, Checkpoint
         data = getattr(self.trainer, "datamodule", None)
         kind = getattr(data, "kind", None)
         if kind and kind != self.algorithm.data_kind:
-            raise PluginError(f"algorithm {type(self.algorithm).__name__} trains on {self.algorithm.data_kind} data, but "
-                              f"data is {type(data).__name__} ({kind}); choose a matching data class_path")
+            raise PluginError(f"algorithm {type(self.algorithm).__name__} trains on {self.algorithm.data_kind} data, "
+                              f"but data is {type(data).__name__} ({kind}); choose a matching data class_path")
         process.apply_process_settings(self.retain_cpu_memory, self.trainer.strategy.root_device.type)
         precision = self.trainer.precision_plugin
         if isinstance(precision, MixedPrecision):
@@ -149,8 +156,8 @@ class AlignModule(DataParallel, OptimizerHooks, Scoring, StepLogging, Checkpoint
         """The frozen reference policy, for use under ``torch.no_grad()``."""
         if self.reference is not None:
             yield self.reference
-        elif hasattr(self.policy, "disable_adapter"):
-            with self.policy.disable_adapter():
+        elif hasattr(self.policy, "disable_adapter"):  # a peft wrapper
+            with cast("PeftModel", self.policy).disable_adapter():
                 yield self.policy
         else:
             raise PluginError(f"algorithm {self.algorithm.name} asked for a reference model but none was built")
@@ -216,7 +223,8 @@ class AlignModule(DataParallel, OptimizerHooks, Scoring, StepLogging, Checkpoint
         """The algorithm's loss on ``batch``; None when it is not finite and ``skip_nonfinite`` skips the batch."""
         out = call_first(self.pm, "alignkit_loss", LossOutput, module=self, batch=batch)
         if not torch.isfinite(out.loss).all():
-            return self.nonfinite(f"{stage} loss", out.loss)
+            self.nonfinite(f"{stage} loss", out.loss)
+            return None
         return out
 
     def nonfinite(self, quantity: str, value: Tensor) -> None:
@@ -232,31 +240,35 @@ class AlignModule(DataParallel, OptimizerHooks, Scoring, StepLogging, Checkpoint
 
     def online_step(self, batch) -> None:
         self.sampled = None
-        if self.algorithm.samples_per_prompt > 1:
-            batch = batch.repeat_interleave(self.algorithm.samples_per_prompt)
+        algorithm = cast(OnlineAlgorithm, self.algorithm)  # online algorithms derive from OnlineAlgorithm
+        if algorithm.samples_per_prompt > 1:
+            batch = batch.repeat_interleave(algorithm.samples_per_prompt)
         rollout = call_first(self.pm, "alignkit_rollout", Rollout, module=self, batch=batch)
         scored = self.score(rollout)
         if scored is None:
             return None  # a reward was not finite and the batch is skipped
         scores, reward_stats = scored
         if not torch.isfinite(scores).all():
-            return self.nonfinite("reward", scores)
+            self.nonfinite("reward", scores)
+            return None
         experience = call_first(self.pm, "alignkit_experience", object, module=self, rollout=rollout, scores=scores)
         update_stats = self.update(experience)
         call_each(self.pm, "alignkit_after_update", object, module=self, experience=experience, stats=update_stats)
         if self.should_log(stepped=True):
             metrics = {**reward_stats, **update_stats}
-            for extra in call_each(self.pm, "alignkit_metrics", dict, module=self, rollout=rollout, experience=experience):
+            for extra in call_each(self.pm, "alignkit_metrics", dict, module=self, rollout=rollout,
+                                   experience=experience):
                 metrics.update(extra)
-            metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+            metrics["train/lr"] = cast(LightningOptimizer, self.optimizers()).param_groups[0]["lr"]  # one optimiser
             self.log_dict(metrics, on_step=True, batch_size=len(rollout.prompts), sync_dist=self.world_size > 1)
         self.sampled = (rollout, scores)  # recorded by the `Completions` callback at the end of the batch
-        self.lr_schedulers().step()
+        cast(LRScheduler, self.lr_schedulers()).step()  # the one per-step schedule of `configure_optimizers`
 
     def update(self, experience: Any) -> dict[str, float]:
         """``update_epochs`` passes over the experience; each minibatch (a list of micro-batches whose
         gradients accumulate) is one optimiser step. Returns the mean of the loss statistics."""
-        algorithm, optimizer = self.algorithm, self.optimizers()
+        # Online algorithms derive from OnlineAlgorithm; `configure_optimizers` returns one optimiser.
+        algorithm, optimizer = cast(OnlineAlgorithm, self.algorithm), cast(LightningOptimizer, self.optimizers())
         totals: dict[str, float] = {}
         count = 0
         for _ in range(algorithm.update_epochs):
@@ -276,7 +288,8 @@ class AlignModule(DataParallel, OptimizerHooks, Scoring, StepLogging, Checkpoint
                     epoch_n += 1
                 self.mean_gradients()
                 if algorithm.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=algorithm.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(optimizer, gradient_clip_val=algorithm.max_grad_norm,
+                                        gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)  # not held through the next rollout and experience
             if algorithm.target_approx_kl is not None and epoch_n and epoch_kl / epoch_n > algorithm.target_approx_kl:

@@ -7,11 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    # The mixin is combined with `LightningModule` in `AlignModule`: type checkers see that base, run time does not.
+    from lightning import LightningModule as _LightningModule
+
+    from alignkit.aggregation import StepMean
+    from alignkit.types import LossOutput
+else:
+    _LightningModule = object
 
 
 @dataclass
@@ -79,16 +88,27 @@ def nonfinite_gradients(named: Sequence[tuple[str, Tensor]]) -> list[int]:
         return []
     # One fused pass: a NaN/inf gradient has a NaN/inf norm. (A huge finite norm that overflows falls
     # through to the exact per-parameter check below, which also names the culprit.)
-    if bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for _, p in named])).all()):
+    grads = cast("list[Tensor]", [p.grad for _, p in named])  # each of `named` has a gradient
+    if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()):
         return []
-    finite = torch.stack([torch.isfinite(p.grad).all() for _, p in named])
+    finite = torch.stack([torch.isfinite(g).all() for g in grads])
     return (~finite).nonzero().flatten().tolist()
 
 
-class OptimizerHooks:
+class OptimizerHooks(_LightningModule):
     """The optimisation hooks of a ``LightningModule`` with an ``optimizer_config`` (:class:`OptimizerConfig`), a
     ``step_mean`` (:class:`alignkit.aggregation.StepMean`), the reductions of :class:`alignkit.distributed.DataParallel`
     and a ``nonfinite(quantity, value)`` method that stops the run or reports a skipped batch."""
+
+    # Provided by the host (`AlignModule`) and its other mixins: declared here for type checkers only.
+    optimizer_config: OptimizerConfig
+    step_mean: StepMean
+    if TYPE_CHECKING:
+        @property
+        def world_size(self) -> int: ...
+        def reduce_sum(self, tensor: Tensor) -> Tensor: ...
+        def reduce_mean(self, tensor: Tensor) -> Tensor: ...
+        def nonfinite(self, quantity: str, value: Tensor) -> None: ...
 
     def configure_optimizers(self):
         return build_optimizer(self, self.optimizer_config)
@@ -103,7 +123,7 @@ class OptimizerHooks:
         # copy of every trained weight is not held through data loading and the whole next forward.
         optimizer.zero_grad(set_to_none=True)
 
-    def backward_loss(self, out, parts: int) -> Tensor:
+    def backward_loss(self, out: LossOutput, parts: int) -> Tensor:
         """What to differentiate (divided by ``parts``) for one of the ``parts`` micro-batches of an optimiser step,
         so that the step's gradient is one mean over the whole step (see :class:`alignkit.aggregation.StepMean`).
         ``out``: the micro-batch's :class:`~alignkit.types.LossOutput`."""
@@ -128,6 +148,7 @@ class OptimizerHooks:
         if not bad:
             return
         name, parameter = named[bad[0]]
+        assert parameter.grad is not None  # `named` holds the parameters with a gradient
         others = f" (and {len(bad) - 1} more parameters)" if len(bad) > 1 else ""
         self.nonfinite(f"gradient of {name}{others}", parameter.grad)
         for group in optimizer.param_groups:

@@ -18,6 +18,8 @@ def apply_process_settings(retain_cpu_memory: bool, device_type: str) -> None:
       (:func:`alignkit.cpu_memory.retain_freed_memory`).
     """
     if torch.are_deterministic_algorithms_enabled():
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        # A property of the module's class (torch swaps the class of `torch.utils.deterministic`), which type
+        # checkers do not see: set by name.
+        setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
     if retain_cpu_memory and device_type == "cpu":
         retain_freed_memory()

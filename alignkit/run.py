@@ -184,7 +184,8 @@ def check_resume_config(run_dir: Path, new: dict[str, Any], allow_changes: bool)
     changes = config_changes(old, new)
     if changes and not allow_changes:
         raise ConfigChangedError(
-            f"cannot resume {run_dir}: the configuration differs from its {CONFIG_FILE} in {describe_changes(changes)}; "
+            f"cannot resume {run_dir}: the configuration differs from its {CONFIG_FILE} "
+            f"in {describe_changes(changes)}; "
             f"resume with the same options, or give --resume_with_changes true to continue with the new values "
             f"(recorded in {run_dir / CHANGES_FILE}); nothing was changed")
     return changes
@@ -272,7 +273,12 @@ def atomic_save_model(module, target: Path, state_dict: dict | None = None) -> N
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a run's folders are as readable as any other (umask)
         module.export(str(tmp), state_dict)
+        for written in tmp.rglob("*"):  # safetensors writes 0600
+            written.chmod((0o777 if written.is_dir() else 0o666) & ~umask)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             os.replace(target, old)
@@ -396,8 +402,10 @@ class DurableCSVWriter(ExperimentWriter):
 class RunCSVLogger(CSVLogger):
     """Lightning's CSVLogger writing through :class:`DurableCSVWriter`."""
 
+    _experiment: DurableCSVWriter | None  # (only the property below sets it)
+
     @property
-    def experiment(self) -> DurableCSVWriter:  # type: ignore[override]
+    def experiment(self) -> DurableCSVWriter:
         if self._experiment is not None:
             return self._experiment
         self._fs.makedirs(self.root_dir, exist_ok=True)

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
+if TYPE_CHECKING:
+    # The mixin is combined with `LightningModule` in `AlignModule`: type checkers see that base, run time does not.
+    from lightning import LightningModule as _LightningModule
+else:
+    _LightningModule = object
 
-class StepLogging:
+
+class StepLogging(_LightningModule):
     """Logging decisions and logging of loss statistics, for a ``LightningModule`` with ``world_size`` and a
     ``_logged_a_step`` flag (False until this process logged a training step)."""
+
+    # Provided by the host (`AlignModule`) and its other mixins: declared here for type checkers only.
+    _logged_a_step: bool
+    if TYPE_CHECKING:
+        @property
+        def world_size(self) -> int: ...
 
     def should_log(self, stepped: bool) -> bool:
         """Whether this training step's metrics reach the loggers. Lightning writes ``on_step`` metrics every
@@ -32,13 +44,15 @@ class StepLogging:
         trainer stops. Before this batch's step, the batches that stepped are ``global_step`` under automatic
         optimisation (one optimiser step per batch that steps); an online batch steps several times, so there
         they are the batches completed (online algorithms accumulate no batches)."""
-        if trainer.log_every_n_steps == 0:
+        # Set on the trainer by Lightning's logger connector; `Trainer` does not declare it.
+        every: int = getattr(trainer, "log_every_n_steps")
+        if every == 0:
             return False
         if self.automatic_optimization:
             stepped = trainer.global_step
         else:
             stepped = trainer.fit_loop.epoch_loop.batch_progress.total.completed
-        return (stepped + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
+        return (stepped + 1) % every == 0 or trainer.should_stop
 
     def log_stats(self, stats: dict[str, Any], prefix: str, batch: Any, extra: dict[str, Any], on_epoch: bool = False):
         size = getattr(batch, "num_pairs", None) or len(getattr(batch, "input_ids", [0]))

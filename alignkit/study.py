@@ -37,7 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -238,19 +238,22 @@ def _evaluate_method(spec: CellSpec, outputs: dict[str, Path], out: Path) -> dic
     sampling = SamplingConfig(max_new_tokens=ev["max_new_tokens"], temperature=ev["temperature"])
     started = time.perf_counter()
     if spec.method["best_of_n"]:
+        assert reward is not None  # _check: best-of-n needs the evaluation's proxy reward
         model, tokenizer = load_model(ModelConfig(name_or_path=policy), "causal_lm")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         reward.to(device).eval()
         prompts = task.eval_prompts()[:ev["num_prompts"]]
         ns = sorted(set(spec.method["best_of_n"]))
-        curve = best_of_n_curve(model.to(device).eval(), tokenizer, prompts, task, reward, ns, sampling,
-                                ev["batch_size"], ev["seed"])
+        # (transformers' @wraps(nn.Module.to) hides the method from mypy)
+        curve = best_of_n_curve(cast(torch.nn.Module, model).to(device).eval(), tokenizer, prompts, task, reward,
+                                ns, sampling, ev["batch_size"], ev["seed"])
         trajectory = [_point(0, best_of_n_kl(n), curve[n], None, None, n=n) for n in ns]
     else:
         results = evaluate({spec.name: policy}, task, reference=ev["reference"], reward=reward, sampling=sampling,
                            num_prompts=ev["num_prompts"], batch_size=ev["batch_size"], seed=ev["seed"],
                            run_dir=str(out / "eval"), wandb=False)
         r = results[spec.name]
+        assert r.gold_mean is not None  # evaluated with the task's gold reward
         trajectory = [_point(0, r.kl_mean, r.gold_mean, r.proxy_mean, 0.5 if r.win_rate is None else r.win_rate)]
     return {"trajectory": trajectory, "eval_time_s": time.perf_counter() - started}
 
@@ -268,7 +271,8 @@ def _output_to(path: Path):
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-            os.close(saved[0]), os.close(saved[1])
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def run_cell(spec: CellSpec) -> dict[str, Any]:
@@ -388,8 +392,9 @@ class RayExecutor:
             raise DataError("executor 'ray' needs Ray: pip install 'alignkit[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
-            local = {} if address else {"num_cpus": workers * threads, "include_dashboard": False}
-            ray.init(address=address, log_to_driver=False, **local)
+            # a local instance: workers × threads CPUs, no dashboard (None: Ray's defaults, for a cluster)
+            ray.init(address=address, log_to_driver=False, num_cpus=None if address else workers * threads,
+                     include_dashboard=None if address else False)
         self.task = ray.remote(num_cpus=threads)(run_cell)
 
     def submit(self, spec: CellSpec) -> Future:
@@ -587,9 +592,9 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
     for method in methods:
         for seed in seeds:
             if (method.name, seed) not in records:
-                done = read_cell(seed_dir(seed) / method.name)
-                if done is not None:
-                    records[(method.name, seed)] = done
+                earlier = read_cell(seed_dir(seed) / method.name)
+                if earlier is not None:
+                    records[(method.name, seed)] = earlier
     header = {
         "name": name, "command": command_line(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -6,15 +6,21 @@ Shapes: ``B`` sequences, ``P`` prompt length, ``R`` response length, ``T`` full 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Record = TypeVar("_Record", bound="DataclassInstance")
 
 
 class TensorRecord:
     """Mixin for dataclasses of tensors: move every tensor field to a device in one call."""
 
-    def to(self, device: torch.device | str):
+    def to(self: _Record, device: torch.device | str) -> _Record:
         return replace(self, **{
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)

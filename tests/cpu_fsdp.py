@@ -15,6 +15,7 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, sharding_strategy=self.sharding_strategy,
+        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                        sharding_strategy=self.sharding_strategy,
                                         mixed_precision=self.mixed_precision_config, device_id=torch.device("cpu"),
                                         **self.kwargs)

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import RECIPES, REPO
 from jsonargparse import ArgumentParser
-from conftest import REPO, RECIPES
 
 from alignkit import commands
 from alignkit.data import PreferenceData, SFTData

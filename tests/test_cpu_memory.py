@@ -18,7 +18,8 @@ from alignkit.module import AlignModule
 from alignkit_plugins.sft import SFT
 from alignkit_plugins.tasks import SentimentTask
 
-TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+TINY = ModelConfig(name_or_path="tiny",
+                   tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
 GLIBC = cpu_memory.glibc() is not None
 
 # Allocates and frees same-sized 8 MiB tensors of varying count (as a training step's activations vary) and one

@@ -8,7 +8,8 @@ import random
 
 import pytest
 import torch
-from conftest import make_data as module, preference_rows, write_jsonl
+from conftest import make_data as module
+from conftest import preference_rows, write_jsonl
 from torch.utils.data import DistributedSampler
 
 from alignkit.data import PreferenceData, PromptData, SFTData
@@ -45,7 +46,8 @@ def test_plain_order_is_distributed_samplers(replicas, drop_last, shuffle):
     data = list(range(23))
     for rank in range(replicas):
         for epoch in (0, 3):
-            ours = ResumableSampler(data, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=5, drop_last=drop_last)
+            ours = ResumableSampler(data, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=5,
+                                    drop_last=drop_last)
             theirs = DistributedSampler(data, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=5,
                                         drop_last=drop_last)
             ours.set_epoch(epoch), theirs.set_epoch(epoch)

@@ -8,7 +8,8 @@ import re
 
 import pytest
 import torch
-from conftest import make_data as make, write_jsonl
+from conftest import make_data as make
+from conftest import write_jsonl
 
 from alignkit.data import DataError, PreferenceData, PromptData, SFTData
 from alignkit.data.formats import (
@@ -224,7 +225,9 @@ def test_preference_explicit_with_margin(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
     records = preference_records(load_rows(str(path)), "auto", str(path))
     assert [(r.prompt, r.chosen, r.rejected, r.margin) for r in records] == [
-        ("review : the pizza", "great pizza", "bland pizza", 1.5), ("review : the soup", "tasty soup", "cold soup", 0.0)]
+        ("review : the pizza", "great pizza", "bland pizza", 1.5),
+        ("review : the soup", "tasty soup", "cold soup", 0.0),
+    ]
     batch = make(PreferenceData, tiny_tokenizer, path=str(path)).collate(
         make(PreferenceData, tiny_tokenizer, path=str(path)).train_set)
     assert batch.margin.tolist() == [1.5, 0.0]

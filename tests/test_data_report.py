@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, TINY_MODEL, make_data as make, run_cli, write_jsonl
+from conftest import QUIET, TINY_MODEL, run_cli, write_jsonl
+from conftest import make_data as make
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 

@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignkit.models import ModelConfig, TinyModelConfig, build_tiny_model, sequence_scores
 from alignkit.models.loading import LoraSettings
-from alignkit.ops import token_logprobs
 from alignkit.module import AlignModule
+from alignkit.ops import token_logprobs
 from alignkit_plugins.dpo import DPO
 from alignkit_plugins.ppo import PPO
 from alignkit_plugins.reward_model import RewardModel
@@ -39,9 +39,9 @@ pytestmark = pytest.mark.distributed
 
 TOLERANCE = 0.01  # measured: sft 0.0008, rm/dpo/ppo < 1e-4
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-COMMON = ["--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-          "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=false", "--data.init_args.shuffle=false",
-          "--data.init_args.val_fraction=0"]
+COMMON = ["--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3",
+          "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=false",
+          "--data.init_args.shuffle=false", "--data.init_args.val_fraction=0"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,7 +56,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     demos = task.demonstrations()
     with open(folder / "prefs.jsonl", "w") as f:
         for a, b in zip(demos[::2], demos[1::2]):
-            good, bad = (a.response, b.response) if task.gold_reward(a.prompt, a.response) >= task.gold_reward(a.prompt, b.response) else (b.response, a.response)
+            a_is_better = task.gold_reward(a.prompt, a.response) >= task.gold_reward(a.prompt, b.response)
+            good, bad = (a.response, b.response) if a_is_better else (b.response, a.response)
             f.write(json.dumps({"prompt": a.prompt, "chosen": good, "rejected": bad}) + "\n")
     return {"policy": folder / "policy", "prefs": folder / "prefs.jsonl"}
 
@@ -66,7 +67,8 @@ FSDP = ("--trainer.strategy={class_path: cpu_fsdp.CPUFSDPStrategy, init_args: {s
         "auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], process_group_backend: gloo}}")
 
 
-def fit(run_dir: Path, devices: int, batch_size: int, args: list[str], strategy: str = "--trainer.strategy=ddp") -> Path:
+def fit(run_dir: Path, devices: int, batch_size: int, args: list[str],
+        strategy: str = "--trainer.strategy=ddp") -> Path:
     command = [sys.executable, "-m", "alignkit.cli", "fit", *args, *COMMON, "--run_dir", str(run_dir),
                f"--trainer.devices={devices}", f"--data.init_args.batch_size={batch_size}"]
     if devices > 1:
@@ -138,7 +140,8 @@ def initial_model(algorithm, policy: ModelConfig):
 
 
 CASES = {
-    "sft": (lambda i: ["--config", "recipes/sft.yaml", *[f"--model.policy.tiny.{k}={v}" for k, v in vars(TINY).items() if v is not None],
+    "sft": (lambda i: ["--config", "recipes/sft.yaml",
+                       *[f"--model.policy.tiny.{k}={v}" for k, v in vars(TINY).items() if v is not None],
                        "--data.init_args.task.init_args.num_train_prompts=64"],
             lambda i: (SFT(), ModelConfig(name_or_path="tiny", tiny=TINY))),
     "rm": (lambda i: ["--config", "recipes/reward_model.yaml", f"--model.policy.name_or_path={i['policy']}",
@@ -148,7 +151,8 @@ CASES = {
                        f"--data.init_args.path={i['prefs']}"],
             lambda i: (DPO(), ModelConfig(name_or_path=str(i["policy"])))),
     "ppo": (lambda i: ["--config", "recipes/ppo_rlhf.yaml", f"--model.policy.name_or_path={i['policy']}",
-                       "--model.rewards=[{class_path: alignkit_plugins.rewards.GoldReward, init_args: {task: alignkit_plugins.tasks.SentimentTask}}]",
+                       "--model.rewards=[{class_path: alignkit_plugins.rewards.GoldReward, "
+                       "init_args: {task: alignkit_plugins.tasks.SentimentTask}}]",
                        "--model.algorithm.init_args.sampling.do_sample=false",  # greedy: samples independent of RNG
                        "--model.algorithm.init_args.update_epochs=1", "--model.algorithm.init_args.num_minibatches=1",
                        "--data.init_args.task.init_args.num_train_prompts=64"],
@@ -161,21 +165,29 @@ LORA = "--model.policy.lora={r: 4, alpha: 8}"
 #: and the export rebuilds the policy unsharded on rank 0 from the gathered weights and merges the adapters there.
 CASES.update({
     f"{name}_lora": (lambda i, name=name: [*CASES[name][0](i), LORA],
-                     lambda i, name=name: (CASES[name][1](i)[0], ModelConfig(name_or_path=str(i["policy"]), lora=LoraSettings(r=4, alpha=8))))
+                     lambda i, name=name: (
+                         CASES[name][1](i)[0],
+                         ModelConfig(name_or_path=str(i["policy"]), lora=LoraSettings(r=4, alpha=8)),
+                     ))
     for name in ("rm", "dpo", "ppo")
 })
 
 #: FSDP2 (``fully_shard`` per decoder layer, the policy, the value head) through Lightning's ModelParallelStrategy.
 FSDP2 = ("--trainer.strategy={class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: "
-         "{data_parallel_size: 2, tensor_parallel_size: 1, save_distributed_checkpoint: false, process_group_backend: gloo}}")
+         "{data_parallel_size: 2, tensor_parallel_size: 1, save_distributed_checkpoint: false, "
+         "process_group_backend: gloo}}")
 #: every algorithm under DDP and FSDP2 (also with LoRA); the offline ones under FSDP1 (online algorithms refuse it)
 #: DeepSpeed ZeRO on CPU processes (DeepSpeed's CPU accelerator, gloo; see tests/cpu_deepspeed.py).
-#: ZeRO-3 partitions every parameter (DeepSpeed keeps those under 100k elements whole by default: all of the tiny model's).
-ZERO2 = "--trainer.strategy={class_path: cpu_deepspeed.CPUDeepSpeedStrategy, init_args: {stage: 2, process_group_backend: gloo}}"
+#: ZeRO-3 partitions every parameter (DeepSpeed keeps those under 100k elements whole by default:
+#: all of the tiny model's).
+ZERO2 = ("--trainer.strategy={class_path: cpu_deepspeed.CPUDeepSpeedStrategy, "
+         "init_args: {stage: 2, process_group_backend: gloo}}")
 ZERO3 = ("--trainer.strategy={class_path: cpu_deepspeed.CPUDeepSpeedStrategy, init_args: {process_group_backend: gloo, "
          "config: {zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}}}}")
-STRATEGIES = [*((name, "ddp") for name in ("sft", "rm", "dpo", "ppo")), *((name, "fsdp") for name in ("sft", "rm", "dpo", "dpo_lora")),
-              *((name, "fsdp2") for name in CASES), *((name, "zero2") for name in ("sft", "rm", "dpo", "ppo")),
+STRATEGIES = [*((name, "ddp") for name in ("sft", "rm", "dpo", "ppo")),
+              *((name, "fsdp") for name in ("sft", "rm", "dpo", "dpo_lora")),
+              *((name, "fsdp2") for name in CASES),
+              *((name, "zero2") for name in ("sft", "rm", "dpo", "ppo")),
               *((name, "zero3") for name in ("sft", "dpo", "ppo"))]
 
 
@@ -235,7 +247,8 @@ def test_online_algorithms_refuse_fsdp_with_one_line(inputs, tmp_path):
     """PPO's update runs inside its training step: under Lightning's FSDP that backward would fail deep in FSDP's
     hooks after the first rollout, so the run stops at set-up naming the strategy to use instead."""
     args = [*CASES["ppo"][0](inputs), *COMMON, "--run_dir", str(tmp_path / "run"), FSDP]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    pythonpath = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     done = subprocess.run([sys.executable, "-m", "alignkit.cli", "fit", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0
@@ -270,4 +283,5 @@ def test_sharded_ppo_resumes_to_the_same_result(strategy, inputs, tmp_path):
     run(tmp_path / "resumed", 4, "--resume", "true", "--resume_with_changes", "true")  # max_steps 2 -> 4
     a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("reference", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "resumed" / "completions.jsonl").read_text() == (tmp_path / "reference" / "completions.jsonl").read_text()
+    resumed_completions = (tmp_path / "resumed" / "completions.jsonl").read_text()
+    assert resumed_completions == (tmp_path / "reference" / "completions.jsonl").read_text()

@@ -45,7 +45,8 @@ def headings(tokens) -> list[tuple[int, str, int]]:
     out = []
     for i, token in enumerate(tokens):
         if token.type == "heading_open":
-            text = "".join(child.content for child in tokens[i + 1].children or [] if child.type in ("text", "code_inline"))
+            children = tokens[i + 1].children or []
+            text = "".join(child.content for child in children if child.type in ("text", "code_inline"))
             out.append((int(token.tag[1]), text, token.map[0] + 1))
     return out
 

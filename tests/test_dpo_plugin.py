@@ -153,7 +153,8 @@ def test_fit_precompute_caches_frees_reference_and_resumes(preferences, tmp_path
     data = PreferenceData(path=str(preferences), batch_size=4, max_length=48, max_prompt_length=24, val_fraction=0.25)
     module = make_module(reference_logps="precompute")
     with torch.no_grad():
-        expected = reference_logps_table(module.reference, [make_data(module, preferences, 0.0).train_dataloader()], "cpu")
+        expected = reference_logps_table(module.reference,
+                                         [make_data(module, preferences, 0.0).train_dataloader()], "cpu")
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     # The validation sanity check sees the first batch: the table is computed there, under inference mode.
     trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoints]).fit(module, datamodule=data)
@@ -166,7 +167,8 @@ def test_fit_precompute_caches_frees_reference_and_resumes(preferences, tmp_path
     # Resume from the checkpoint: the checkpoint has no reference weights; the new module drops its copy
     # before the strict state-dict load, and the table comes back from the checkpoint.
     resumed = make_module(reference_logps="precompute")
-    run = trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path / "c2")])
+    run = trainer(tmp_path, max_steps=3, enable_checkpointing=True,
+                  callbacks=[ModelCheckpoint(dirpath=tmp_path / "c2")])
     run.fit(resumed, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert run.global_step == 3 and resumed.reference is None
 

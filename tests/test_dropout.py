@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from conftest import word_count_reward
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignkit.models import LoraSettings, ModelConfig, disable_dropout
 from alignkit.module import AlignModule

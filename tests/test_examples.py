@@ -16,13 +16,13 @@ import importlib.util
 import json
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import lightning as L
 import pytest
+import tomllib
 import torch
 from conftest import QUIET, REPO, TINY_MODEL, preference_rows, run_cli, write_jsonl
 
@@ -36,7 +36,8 @@ from alignkit.types import PromptBatch, Rollout
 
 EXAMPLES = REPO / "docs" / "examples"
 PACKAGES = {"alignkit-rloo": "alignkit_rloo", "alignkit-simpo": "alignkit_simpo"}  # distribution -> import name
-TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+TINY = ModelConfig(name_or_path="tiny",
+                   tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
 
 
 def declared(folder: Path) -> tuple[str, dict[str, str]]:
@@ -193,7 +194,8 @@ class RecordingEngine:
         self.asked.append(batch)
         n, width = len(batch.prompts), 2
         ones = torch.ones(n, width, dtype=torch.long)
-        return Rollout(sequences=torch.cat([batch.input_ids, ones], 1), attention_mask=torch.cat([batch.attention_mask, ones], 1),
+        return Rollout(sequences=torch.cat([batch.input_ids, ones], 1),
+                       attention_mask=torch.cat([batch.attention_mask, ones], 1),
                        response_mask=ones, logprobs=torch.zeros(n, width), ended=torch.ones(n, dtype=torch.bool),
                        prompt_length=batch.input_ids.shape[1], prompts=list(batch.prompts), responses=["x"] * n)
 
@@ -258,7 +260,8 @@ def test_the_builtin_engine_samples_k_responses_per_prompt(examples, tmp_path):
 def test_a_failing_engine_behind_rloo_is_named(examples):
     from alignkit_rloo import RLOO
 
-    module = AlignModule(algorithm=RLOO(), policy=TINY, rewards=[RecordingReward()], plugins=[RecordingEngine(fail=True)])
+    module = AlignModule(algorithm=RLOO(), policy=TINY, rewards=[RecordingReward()],
+                         plugins=[RecordingEngine(fail=True)])
     with pytest.raises(PluginError) as info:
         module.online_step(prompt_batch())  # the rollout is the first hook of the step: no trainer needed
     message = str(info.value)

@@ -125,8 +125,9 @@ def test_trained_or_non_float32_linears_are_left_alone():
 
 
 def _preferences(tmp_path: Path) -> Path:
+    foods = ["soup", "taco", "pizza", "curry"] * 2
     rows = [{"prompt": f"review : the {food} at the cafe", "chosen": " it was great" + " and fresh" * (i % 3),
-             "rejected": " bland" + " and cold" * (i % 2)} for i, food in enumerate(["soup", "taco", "pizza", "curry"] * 2)]
+             "rejected": " bland" + " and cold" * (i % 2)} for i, food in enumerate(foods)]
     path = tmp_path / "preferences.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

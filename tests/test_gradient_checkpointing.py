@@ -25,7 +25,8 @@ def test_checkpointed_loss_and_gradients_equal_the_plain_ones(lora):
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        module = AlignModule(algorithm=SFT(), policy=ModelConfig(tiny=TINY, lora=lora, gradient_checkpointing=checkpointing))
+        policy = ModelConfig(tiny=TINY, lora=lora, gradient_checkpointing=checkpointing)
+        module = AlignModule(algorithm=SFT(), policy=policy)
         module.policy.train()
         assert module.policy.is_activation_checkpointing == checkpointing
         if lora is not None:  # LoRA's B starts at zero: make the adapters matter for the comparison

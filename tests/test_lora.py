@@ -8,9 +8,8 @@ import math
 
 import lightning as L
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import word_count_reward
+from transformers import AutoModelForCausalLM
 
 from alignkit.data import PreferenceData, PromptData, SFTData
 from alignkit.models import LoraSettings, ModelConfig, TinyModelConfig
@@ -66,7 +65,8 @@ def test_dpo_with_lora_uses_the_policy_without_adapters_as_reference(tmp_path):
     data.setup()
     batch = data.collate(data.train_set[:4])
     # LoRA's B matrices start at zero: policy == reference, so the DPO loss is exactly log 2
-    torch.testing.assert_close(module.algorithm.alignkit_loss(module=module, batch=batch).loss, torch.tensor(math.log(2)))
+    loss = module.algorithm.alignkit_loss(module=module, batch=batch).loss
+    torch.testing.assert_close(loss, torch.tensor(math.log(2)))
     adapters, base = split(module)
     module.optimizer_config.lr = 1e-2
     trainer(tmp_path, 3).fit(module, datamodule=data)

@@ -16,7 +16,8 @@ from alignkit.module import AlignModule, approx_kl
 from alignkit_plugins.dpo import DPO
 from alignkit_plugins.ppo import PPO
 
-TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+TINY = ModelConfig(name_or_path="tiny",
+                   tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
 
 
 class Constant(Reward):

@@ -19,7 +19,8 @@ from alignkit_plugins.ppo import PPO
 from alignkit_plugins.sft import SFT
 from alignkit_plugins.tasks import SentimentTask
 
-TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+TINY = ModelConfig(name_or_path="tiny",
+                   tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
 BAD_STEP = 2
 
 

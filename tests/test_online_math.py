@@ -25,9 +25,9 @@ from alignkit_plugins.ppo import PPO
 from alignkit_plugins.ppo.algorithm import PPOExperience, policy_forward
 from alignkit_plugins.ppo.math import entropy_bonus
 from alignkit_plugins.sft import SFT, sft_loss
-from alignkit_plugins.tasks import SentimentTask
 
-TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+TINY = ModelConfig(name_or_path="tiny",
+                   tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
 
 
 def rollout_with_lengths(lengths: list[int], prompt_length: int = 3, width: int = 10, seed: int = 0) -> Rollout:
@@ -35,9 +35,11 @@ def rollout_with_lengths(lengths: list[int], prompt_length: int = 3, width: int 
     batch = len(lengths)
     response_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
     prompt_mask = torch.ones(batch, prompt_length, dtype=torch.long)
-    sequences = torch.randint(5, 40, (batch, prompt_length + width), generator=generator) * torch.cat([prompt_mask, response_mask], 1)
-    return Rollout(sequences=sequences, attention_mask=torch.cat([prompt_mask, response_mask], 1),
-                   response_mask=response_mask, logprobs=torch.zeros(batch, width), ended=torch.ones(batch, dtype=torch.bool),
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    sequences = torch.randint(5, 40, (batch, prompt_length + width), generator=generator) * attention_mask
+    return Rollout(sequences=sequences, attention_mask=attention_mask,
+                   response_mask=response_mask, logprobs=torch.zeros(batch, width),
+                   ended=torch.ones(batch, dtype=torch.bool),
                    prompt_length=prompt_length, prompts=["p"] * batch, responses=["r"] * batch)
 
 
@@ -63,7 +65,8 @@ def test_ppo_logs_the_entropy_of_the_tempered_policy():
     experience = algorithm.alignkit_experience(module=module, rollout=rollout, scores=torch.zeros(3))
     out = algorithm.alignkit_loss(module=module, batch=experience)
     with torch.no_grad():
-        _, logits, _ = policy_forward(module.policy, rollout.sequences, rollout.attention_mask, 3, 0.7, need_hidden=False)
+        _, logits, _ = policy_forward(module.policy, rollout.sequences, rollout.attention_mask, 3, 0.7,
+                                      need_hidden=False)
     tempered = masked_mean(entropy_from_logits(logits.float() / 0.7), rollout.response_mask)
     raw = masked_mean(entropy_from_logits(logits.float()), rollout.response_mask)
     assert float(out.stats["policy/entropy"]) == pytest.approx(float(tempered), abs=1e-5)
@@ -97,7 +100,8 @@ def ppo_step_gradients(aggregation: str, micro_batches: int) -> tuple[float, dic
                     entropy_coef=0.01, seed=3)
     module = AlignModule(algorithm=algorithm, policy=TINY)
     rollout = rollout_with_lengths([10, 1, 1, 1])
-    experience = algorithm.alignkit_experience(module=module, rollout=rollout, scores=torch.tensor([1.0, -1.0, 0.5, 2.0]))
+    experience = algorithm.alignkit_experience(module=module, rollout=rollout,
+                                               scores=torch.tensor([1.0, -1.0, 0.5, 2.0]))
     (parts,) = list(algorithm.alignkit_minibatches(module=module, experience=experience))
     assert len(parts) == micro_batches
     total, units = 0.0, 0.0
@@ -125,7 +129,10 @@ def test_step_mean_over_two_ranks_equals_one_rank():
     """Two data-parallel ranks as DDP runs them: each differentiates its micro-batch, DDP averages the gradients,
     and each rank rescales by the step's units summed over the ranks. Equal to one rank holding every row."""
     weight = torch.tensor([1.0, -2.0], requires_grad=True)
-    values = lambda rows: (torch.arange(1.0, 11.0)[rows, None] * weight).sum(-1).view(-1, 5)  # (rows/5, 5) tokens
+
+    def values(rows):  # (rows/5, 5) tokens
+        return (torch.arange(1.0, 11.0)[rows, None] * weight).sum(-1).view(-1, 5)
+
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     loss, units = agg_loss(values(slice(0, 10)), mask)
     (expected,) = torch.autograd.grad(loss, weight)

@@ -4,10 +4,10 @@ entry point of the ``alignkit`` group loads."""
 from __future__ import annotations
 
 import importlib
-import tomllib
 from importlib.metadata import entry_points
 
 import pytest
+import tomllib
 from conftest import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -87,26 +87,27 @@ def test_loss_and_gradient_agree_with_the_documentation_example():
     torch.testing.assert_close(ours.grad, theirs.grad)
 
 
-def one_step(algorithm) -> dict[str, torch.Tensor]:
+def one_step(algorithm, root: Path) -> dict[str, torch.Tensor]:
     """One online step (one optimiser step) of ``algorithm`` from seed 0 on the tiny model; the policy weights after."""
     L.seed_everything(0)
     module = AlignModule(algorithm=algorithm, policy=TINY, rewards=[GoldReward(task=SentimentTask())])
     module.optimizer_config.lr = 1e-2
     data = PromptData(task=SentimentTask(num_train_prompts=32, num_eval_prompts=8), batch_size=4)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
+                        default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
     return {k: v.clone() for k, v in module.policy.state_dict().items()}
 
 
-def test_one_step_agrees_with_the_documentation_example():
+def test_one_step_agrees_with_the_documentation_example(tmp_path):
     # Same seed, same rollout (the host's sampling), same reward r − β·KL, same leave-one-out advantages and the same
     # token-mean clipped loss on one minibatch: the updated weights agree (the example's minibatch order comes from
     # the global stream, so only one step is comparable).
     sampling = SamplingConfig(max_new_tokens=8)
-    ours = one_step(RLOO(samples_per_prompt=4, kl_coef=0.05, num_minibatches=1, sampling=sampling))
-    theirs = one_step(alignkit_rloo.RLOO(samples_per_prompt=4, kl_coef=0.05, num_minibatches=1, sampling=sampling))
+    ours = one_step(RLOO(samples_per_prompt=4, kl_coef=0.05, num_minibatches=1, sampling=sampling), tmp_path / "ours")
+    theirs = one_step(alignkit_rloo.RLOO(samples_per_prompt=4, kl_coef=0.05, num_minibatches=1, sampling=sampling),
+                      tmp_path / "theirs")
     initial = {k: v for k, v in AlignModule(algorithm=RLOO(), policy=TINY).policy.state_dict().items()}
     assert any(not torch.equal(initial[k], ours[k]) for k in ours)  # the step did move the weights
     for name in ours:  # Adam's first step moves every weight by about lr = 1e-2: 1e-5 is float noise

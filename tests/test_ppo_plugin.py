@@ -19,7 +19,8 @@ from alignkit_plugins.ppo import PPO
 from alignkit_plugins.ppo.algorithm import policy_forward
 from alignkit_plugins.tasks import SentimentTask
 
-TINY = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+TINY = ModelConfig(name_or_path="tiny",
+                   tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
 
 
 class LetterReward(Reward):
@@ -36,7 +37,8 @@ def hand_rollout(lengths: list[int], prompt_length: int = 3, width: int = 4) -> 
         response_mask[row, :n] = 1
     sequences = torch.randint(5, 40, (batch, prompt_length + width)) * torch.cat(
         [torch.ones(batch, prompt_length, dtype=torch.long), response_mask], 1)
-    return Rollout(sequences=sequences, attention_mask=torch.cat([torch.ones(batch, prompt_length, dtype=torch.long), response_mask], 1),
+    attention_mask = torch.cat([torch.ones(batch, prompt_length, dtype=torch.long), response_mask], 1)
+    return Rollout(sequences=sequences, attention_mask=attention_mask,
                    response_mask=response_mask, logprobs=torch.zeros(batch, width), ended=torch.tensor([True] * batch),
                    prompt_length=prompt_length, prompts=["p"] * batch, responses=["r"] * batch)
 
@@ -86,15 +88,20 @@ def test_ppo_run_changes_weights_and_raises_the_proxy_reward(tmp_path):
     reference_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
     value_before = {k: v.clone() for k, v in algorithm.value_head.state_dict().items()}
     data = PromptData(task=SentimentTask(num_train_prompts=256, num_eval_prompts=8), batch_size=32)
-    trainer = L.Trainer(max_steps=2 * 24, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="", version="")
+    trainer = L.Trainer(max_steps=2 * 24, accelerator="cpu", logger=logger,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                         num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
-    changed = lambda before, after: any(not torch.equal(before[k], after[k]) for k in before)
+
+    def changed(before, after):
+        return any(not torch.equal(before[k], after[k]) for k in before)
+
     assert changed(policy_before, module.policy.state_dict())
     assert changed(value_before, algorithm.value_head.state_dict())
     assert not changed(reference_before, module.reference.state_dict())
-    scores = [float(r["objective/scores"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("objective/scores")]
+    rows = csv.DictReader(open(tmp_path / "metrics.csv"))
+    scores = [float(r["objective/scores"]) for r in rows if r.get("objective/scores")]
     assert len(scores) == 24
     assert sum(scores[-6:]) / 6 > sum(scores[:6]) / 6 + 0.02, scores
     assert (tmp_path / "completions.jsonl").read_text().count("\n") == 24 * 2

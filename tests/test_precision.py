@@ -25,7 +25,8 @@ PRECISIONS = {
     "16-mixed": "--trainer.plugins=[{class_path: lightning.pytorch.plugins.precision.MixedPrecision, "
                 "init_args: {precision: 16-mixed, device: cpu}}]",
 }
-GOLD = "--model.rewards=[{class_path: alignkit_plugins.rewards.GoldReward, init_args: {task: alignkit_plugins.tasks.SentimentTask}}]"
+GOLD = ("--model.rewards=[{class_path: alignkit_plugins.rewards.GoldReward, "
+        "init_args: {task: alignkit_plugins.tasks.SentimentTask}}]")
 STAGES = {
     "sft": lambda prefs: ["--config", "recipes/sft.yaml", *TINY_MODEL, "--trainer.gradient_clip_val=1.0"],
     "rm": lambda prefs: ["--config", "recipes/reward_model.yaml", *TINY_MODEL, "--model.policy.name_or_path=tiny",

@@ -10,9 +10,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
 from conftest import word_count_reward
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignkit.data import PreferenceData, PromptData, SFTData
 from alignkit.models import LoraSettings, ModelConfig, TinyModelConfig
@@ -113,7 +112,8 @@ def test_ppo_with_qlora_generates_and_trains(tmp_path):
 
 def test_sft_with_an_8bit_base(tmp_path):
     L.seed_everything(0)
-    module = AlignModule(algorithm=SFT(), policy=ModelConfig(tiny=TINY, lora=LoraSettings(r=4, alpha=8), quantization="8bit"))
+    policy = ModelConfig(tiny=TINY, lora=LoraSettings(r=4, alpha=8), quantization="8bit")
+    module = AlignModule(algorithm=SFT(), policy=policy)
     assert isinstance(module.policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear8bitLt)
     before = adapters(module)
     module.optimizer_config.lr = 1e-2

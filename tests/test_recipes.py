@@ -113,7 +113,9 @@ def test_print_config_reward_model(capsys, tmp_path):
     config = print_config(capsys, ["fit", "--config", RM_RECIPE, "--model.algorithm.init_args.center_coef=0.5"])
     algorithm = config["model"]["algorithm"]
     assert algorithm["class_path"] == "alignkit_plugins.reward_model.RewardModel"
-    assert algorithm["init_args"] == {"use_margin": True, "center_coef": 0.5, "use_soft_labels": True, "shared_prompt": True}
+    assert algorithm["init_args"] == {
+        "use_margin": True, "center_coef": 0.5, "use_soft_labels": True, "shared_prompt": True,
+    }
     assert config["data"]["class_path"] == "alignkit.data.PreferenceData"
 
 

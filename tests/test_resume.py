@@ -58,7 +58,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     from alignkit.models import TinyModelConfig, build_tiny_model
 
     folder = tmp_path_factory.mktemp("resume_inputs")
-    model, tokenizer = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    config = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model, tokenizer = build_tiny_model(config)
     model.save_pretrained(folder / "policy")
     tokenizer.save_pretrained(folder / "policy")
     return {"policy": folder / "policy", "prefs": write_jsonl(folder / "prefs.jsonl", preference_rows(48))}
@@ -72,7 +73,8 @@ CASES = {
     "sft": (lambda i: [*SFT, "--data.init_args.task.init_args.num_train_prompts=64", "--trainer.max_steps=12",
                        "--checkpoint_every=2"], 4),
     # The default: at each epoch's end (4 batches, then validation: saved after the next batch, steps 5 and 9).
-    "sft_epochs": (lambda i: [*SFT, "--data.init_args.task.init_args.num_train_prompts=32", "--trainer.max_steps=12"], 5),
+    "sft_epochs": (lambda i: [*SFT, "--data.init_args.task.init_args.num_train_prompts=32",
+                              "--trainer.max_steps=12"], 5),
     "dpo": (lambda i: ["--config", "recipes/dpo.yaml", f"--model.policy.name_or_path={i['policy']}",
                        f"--data.init_args.path={i['prefs']}", "--data.init_args.batch_size=8", "--trainer.max_steps=10",
                        "--checkpoint_every=2"], 4),
@@ -81,7 +83,8 @@ CASES = {
     "ppo": (lambda i: ["--config", "recipes/ppo_rlhf.yaml", f"--model.policy.name_or_path={i['policy']}",
                        "--model.rewards=[{class_path: alignkit_plugins.rewards.GoldReward, "
                        "init_args: {task: alignkit_plugins.tasks.SentimentTask}}]",
-                       "--model.algorithm.init_args.sampling.max_new_tokens=8", "--model.algorithm.init_args.kl_target=0.5",
+                       "--model.algorithm.init_args.sampling.max_new_tokens=8",
+                       "--model.algorithm.init_args.kl_target=0.5",
                        "--model.algorithm.init_args.update_epochs=1", "--model.algorithm.init_args.num_minibatches=2",
                        "--data.init_args.task.init_args.num_train_prompts=16", "--data.init_args.batch_size=4",
                        "--trainer.max_steps=12", "--checkpoint_every=2"], 4),
@@ -226,8 +229,9 @@ def test_sigkills_at_random_moments_resume_to_the_same_result(name, inputs, tmp_
         try:
             _, err = child.communicate(timeout=max(delay - (time.monotonic() - began), 0.01) if phase != "training"
                                        else delay)
-            pytest.fail(f"the run ended ({child.returncode}) before its {phase} kill (start-up {startup:.1f} s, training "
-                        f"{training:.1f} s, kills so far {history}): {err[-500:]}")
+            pytest.fail(f"the run ended ({child.returncode}) before its {phase} kill "
+                        f"(start-up {startup:.1f} s, training {training:.1f} s, kills so far {history}): "
+                        f"{err[-500:]}")
         except subprocess.TimeoutExpired:
             child.kill()
             child.communicate()
@@ -293,7 +297,8 @@ def test_train_loader_resumes_mid_epoch():
 # ---------------------------------------------------------------------------------------------- refusals
 
 def test_resume_refuses_a_run_without_checkpoint_or_a_finished_run(tmp_path, capsys):
-    for run_dir, expected in ((tmp_path / "empty", "no checkpoints/last.ckpt"), (tmp_path / "done", "nothing to resume")):
+    cases = ((tmp_path / "empty", "no checkpoints/last.ckpt"), (tmp_path / "done", "nothing to resume"))
+    for run_dir, expected in cases:
         run_dir.mkdir()
         if run_dir.name == "done":
             (run_dir / "model").mkdir()
@@ -319,8 +324,8 @@ def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "run" / "model")  # as if the run had stopped after its step-2 checkpoint
     (tmp_path / "run" / "metrics.json").unlink()
     # A new process, as a real resume is (wandb stamps its folders with the process's start time).
-    command = [sys.executable, "-m", "alignkit.cli", "fit", *map(str, args), "--trainer.max_steps=4", "--resume", "true",
-               "--resume_with_changes", "true"]  # a longer run: a change of configuration
+    command = [sys.executable, "-m", "alignkit.cli", "fit", *map(str, args), "--trainer.max_steps=4",
+               "--resume", "true", "--resume_with_changes", "true"]  # a longer run: a change of configuration
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own wandb service, as a new run has
     subprocess.run(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}, check=True,
                    stdout=subprocess.DEVNULL)

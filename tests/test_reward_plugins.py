@@ -16,7 +16,7 @@ from alignkit.models.tiny import TinyModelConfig
 from alignkit.plugin import Reward
 from alignkit.rewards import ENSEMBLE_METHODS, aggregate_ensemble, combine_rewards
 from alignkit.types import Rollout
-from alignkit_plugins.rewards import FunctionReward, GoldReward, RewardEnsemble, RewardModelReward
+from alignkit_plugins.rewards import FunctionReward, RewardEnsemble, RewardModelReward
 from alignkit_plugins.tasks import SentimentTask
 
 ROOT = Path(__file__).resolve().parents[1]

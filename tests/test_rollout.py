@@ -7,8 +7,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from alignkit.rollout import (SamplingConfig, _sample_next, generate, left_pad, response_logprobs,
-                              sample_categorical, top_p_filter)
+from alignkit.rollout import (
+    SamplingConfig,
+    _sample_next,
+    generate,
+    left_pad,
+    response_logprobs,
+    sample_categorical,
+    top_p_filter,
+)
 
 PAD, EOS = 0, 1
 PROMPT_IDS = [[4, 5, 6], [13], [23, 24, 25, 26, 27]]  # different lengths -> left padding
@@ -128,7 +135,10 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(model, tokenizer, reference):
 
 def test_top_k_and_top_p_filtering():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(400, 4)
-    draw = lambda **kw: set(_sample_next(logits, SamplingConfig(**kw), torch.Generator().manual_seed(1)).tolist())
+
+    def draw(**kw):
+        return set(_sample_next(logits, SamplingConfig(**kw), torch.Generator().manual_seed(1)).tolist())
+
     assert draw(top_k=2) == {0, 1}
     assert draw(top_p=0.6) == {0, 1}  # 0.5 < 0.6, so the second token is needed
     assert draw(top_p=0.45) == {0}  # the first token alone reaches 0.45

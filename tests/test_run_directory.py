@@ -224,8 +224,8 @@ def test_write_failures_name_the_file_and_keep_the_old_one(tmp_path, monkeypatch
     with pytest.raises(WriteFailed) as info:
         atomic_write_json(target, {"a": 2})
     monkeypatch.undo()
-    assert str(info.value) == (f"could not write {target}: Permission denied; nothing written before was damaged (a run "
-                               f"continues from its last checkpoint with --resume true once it is writable)")
+    assert str(info.value) == (f"could not write {target}: Permission denied; nothing written before was damaged "
+                               "(a run continues from its last checkpoint with --resume true once it is writable)")
     assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
     # torch's zip writer reports a full disk inside a RuntimeError; the cause is found in the message or the chain
     try:
@@ -261,7 +261,7 @@ def test_a_second_writer_is_refused_in_one_line_naming_the_holder(tmp_path, monk
     assert (run / "metrics.json").is_file()
 
 
-# ---------------------------------------------------------------------------------------------- 6: changed configuration
+# --------------------------------------------------------------------------------------------- 6: changed configuration
 
 def test_resume_refuses_a_changed_configuration_unless_told_and_then_applies_it(tmp_path, monkeypatch, capsys):
     from alignkit.cli import AlignCLI
@@ -295,7 +295,8 @@ def test_resume_refuses_a_changed_configuration_unless_told_and_then_applies_it(
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["optimizer"]["lr"] == 0.01
     # the new rate really drives the resumed steps: the schedule of a run started at 1e-2
     run_cli(["fit", *base, "--model.optimizer.lr=1e-2", "--run_dir", tmp_path / "at_new_lr"])
-    lr = {d: {r["step"]: r["train/lr"] for r in csv_rows(d) if r.get("train/lr")} for d in (run, tmp_path / "at_new_lr")}
+    lr = {d: {r["step"]: r["train/lr"] for r in csv_rows(d) if r.get("train/lr")}
+          for d in (run, tmp_path / "at_new_lr")}
     assert lr[run]["2"] == lr[tmp_path / "at_new_lr"]["2"] and lr[run]["3"] == lr[tmp_path / "at_new_lr"]["3"]
     assert float(lr[run]["1"]) == pytest.approx(float(lr[tmp_path / "at_new_lr"]["1"]) * 0.3)
 
@@ -315,7 +316,8 @@ def test_sigterm_checkpoints_at_the_step_exits_75_and_resumes_exactly(tmp_path, 
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 75, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last == (f"alignkit: stopped by SIGTERM at step 3: checkpoint {run / 'checkpoints' / 'step=3.ckpt'} written; "
+    assert last == ("alignkit: stopped by SIGTERM at step 3: "
+                    f"checkpoint {run / 'checkpoints' / 'step=3.ckpt'} written; "
                     f"continue the run with --resume true (exit code 75)")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert not (run / "model").exists() and not (run / "metrics.json").exists()
@@ -329,7 +331,8 @@ def test_sigusr1_stops_a_pipeline_at_that_stage_with_the_same_code(tmp_path, mon
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({"base_dir": str(ROOT / "recipes"), "stages": [
         {"name": "first", "recipe": "sft.yaml",
-         "args": [*stage_args, callbacks(("SignalAt", {"marker": str(tmp_path / "s1"), "step": 2, "name": "SIGUSR1"}))]},
+         "args": [*stage_args,
+                  callbacks(("SignalAt", {"marker": str(tmp_path / "s1"), "step": 2, "name": "SIGUSR1"}))]},
         {"name": "second", "recipe": "sft.yaml", "args": stage_args}]}))
     def ignore(*args):
         pass
@@ -360,7 +363,8 @@ def test_pipeline_stage_names_are_plain(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         run_cli(["pipeline", "--config", pipeline, "--run_dir", tmp_path / "a" / "b" / "out"])
     assert info.value.code == 2
-    assert "pipeline stage name '../../x' is not a plain name (letters, digits, '-' and '_' only)" in one_error_line(capsys)
+    expected = "pipeline stage name '../../x' is not a plain name (letters, digits, '-' and '_' only)"
+    assert expected in one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml"]
 
 

@@ -168,7 +168,8 @@ def test_pipeline_seed_reaches_each_kind_of_stage():
 
     commands = {**available(), "yardstick": yardstick, "sampler": sampler, "no_seed": no_seed}
     assert stage_seed_args(Stage("sft", "sft.yaml"), 5, commands) == [f"--seed_everything={derive_seed(5, 'sft')}"]
-    assert stage_seed_args(Stage("rm_b", "rm.yaml"), 5, commands) != stage_seed_args(Stage("rm", "rm.yaml"), 5, commands)
+    assert (stage_seed_args(Stage("rm_b", "rm.yaml"), 5, commands)
+            != stage_seed_args(Stage("rm", "rm.yaml"), 5, commands))
     assert stage_seed_args(Stage("collect", command="collect"), 5, commands) == [f"--seed={derive_seed(5, 'collect')}"]
     assert stage_seed_args(Stage("pairs", command="sampler"), 5, commands) == [f"--seed={derive_seed(5, 'pairs')}"]
     assert stage_seed_args(Stage("eval", command="eval"), 5, commands) == []

@@ -222,7 +222,8 @@ def test_claims_are_judged_by_their_intervals():
     assert claims[0]["evidence"].startswith("gold b − a = -0.100")       # the a − b entry, negated
     # seeds drop from their peak by (0.6 + 0.01·s) − (0.4 − 0.01·s) = 0.2 + 0.02·s (0.20, 0.22, 0.24: mean 0.22);
     # the proxy rises by 1 on each
-    assert "gold falls by 0.220 [0.200, 0.240]" in claims[1]["evidence"] and "rises by 1.000 [1.000, 1.000]" in claims[1]["evidence"]
+    assert ("gold falls by 0.220 [0.200, 0.240]" in claims[1]["evidence"]
+            and "rises by 1.000 [1.000, 1.000]" in claims[1]["evidence"])
     assert "rl: R = d(α − β log d)" in claims[2]["evidence"]             # a trained method: not the best-of-n form
 
 
@@ -244,8 +245,10 @@ def test_a_sweep_expands_into_one_method_per_value():
                  sweep={"model.algorithm.init_args.beta": [0.05, 0.1], "--data.init_args.batch_size": [8]})
     names = [(m.name, m.args) for m in expand_sweeps([dpo, Method("sft", policy="p")])]
     assert names == [
-        ("dpo.beta0.05.batch_size8", ["--x=1", "--model.algorithm.init_args.beta=0.05", "--data.init_args.batch_size=8"]),
-        ("dpo.beta0.1.batch_size8", ["--x=1", "--model.algorithm.init_args.beta=0.1", "--data.init_args.batch_size=8"]),
+        ("dpo.beta0.05.batch_size8",
+         ["--x=1", "--model.algorithm.init_args.beta=0.05", "--data.init_args.batch_size=8"]),
+        ("dpo.beta0.1.batch_size8",
+         ["--x=1", "--model.algorithm.init_args.beta=0.1", "--data.init_args.batch_size=8"]),
         ("sft", []),
     ]
 
@@ -262,7 +265,8 @@ def test_a_rerun_with_another_configuration_is_refused(tmp_path):
                         method=asdict(Method("dpo", recipe="dpo.yaml", args=args)),
                         evaluation=asdict(StudyEvaluation()), fit_args=["--trainer.max_steps=4", "--wandb=true"])
 
-    atomic_write_json(tmp_path / "seed-0" / "dpo" / "cell.json", {"status": "ok", "config": cell_config(spec(["--a=1"]))})
+    atomic_write_json(tmp_path / "seed-0" / "dpo" / "cell.json",
+                      {"status": "ok", "config": cell_config(spec(["--a=1"]))})
     assert changed_cells([spec(["--a=1"])]) == []
     assert changed_cells([spec(["--a=2"])]) == ["dpo seed 0 (method)"]
     same_but_wandb = spec(["--a=1"])

@@ -5,8 +5,7 @@ import math
 
 import pytest
 
-from alignkit.task import (Demonstration, PreferencePair, SimulatedAnnotator, Task, bradley_terry,
-                           preference_records)
+from alignkit.task import Demonstration, PreferencePair, SimulatedAnnotator, Task, bradley_terry, preference_records
 from alignkit_plugins.tasks import ReverseTask, SentimentTask
 from alignkit_plugins.tasks.sentiment import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS
 

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
 from alignkit.errors import DataError
 
 Message = dict[str, str]
@@ -26,7 +27,8 @@ Conversation = list[Message]
 SFTFormat = Literal["auto", "prompt_response", "alpaca", "messages"]
 PreferenceFormat = Literal["auto", "explicit", "implicit", "conversational"]
 
-SFT_COLUMNS = {"prompt_response": ("prompt", "response"), "alpaca": ("instruction", "output"), "messages": ("messages",)}
+SFT_COLUMNS = {"prompt_response": ("prompt", "response"), "alpaca": ("instruction", "output"),
+               "messages": ("messages",)}
 PREFERENCE_COLUMNS = {"explicit": ("prompt", "chosen", "rejected"), "implicit": ("chosen", "rejected"),
                       "conversational": ("chosen", "rejected")}
 
@@ -102,7 +104,7 @@ def read_json_rows(path: str, strings: bool = False) -> list[dict[str, Any]]:
 
 
 def _line_rows(path: str, text: str, strings: bool = False) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
         if not line.strip():
             continue
@@ -176,7 +178,8 @@ def load_prompts(path: str, column: str = "prompt") -> list[str]:
     for number, row in enumerate(rows, 1):
         value = row.get(column) if row.get(column) is not None else row.get("text")  # a plain string's row: text
         if not isinstance(value, str) or not value.strip():
-            shown = "empty text" if isinstance(value, str) else "nothing" if value is None else f"a {type(value).__name__}"
+            shown = ("empty text" if isinstance(value, str) else "nothing" if value is None
+                     else f"a {type(value).__name__}")
             raise DataError(f"prompts {path!r} row {number}: {column!r} must be non-empty text, got {shown}")
         prompts.append(value)
     return prompts
@@ -198,7 +201,8 @@ def _require(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str, sou
         raise DataError(f"{source}: no rows")
     missing = [c for c in columns if c not in rows[0]]
     if missing:
-        raise DataError(f"{source}: format {fmt} needs column(s) {', '.join(missing)}; found {', '.join(sorted(rows[0]))}")
+        raise DataError(f"{source}: format {fmt} needs column(s) {', '.join(missing)}; "
+                        f"found {', '.join(sorted(rows[0]))}")
 
 
 def _text(row: dict[str, Any], column: str, source: str, index: int) -> str:
@@ -209,22 +213,24 @@ def _text(row: dict[str, Any], column: str, source: str, index: int) -> str:
 
 
 def _conversation(value: Any, column: str, source: str, index: int) -> Conversation:
-    if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value)):
         raise DataError(f"{source} row {index}: {column!r} must be a non-empty list of {{role, content}} messages")
     return value
 
 
 def sft_records(rows: list[dict[str, Any]], fmt: SFTFormat, source: str) -> list[SFTRecord]:
-    fmt = detect_format(rows, SFT_COLUMNS, source) if fmt == "auto" else fmt
-    _require(rows, SFT_COLUMNS[fmt], fmt, source)
+    found = detect_format(rows, SFT_COLUMNS, source) if fmt == "auto" else fmt
+    _require(rows, SFT_COLUMNS[found], found, source)
     records = []
     for i, row in enumerate(rows):
-        if fmt == "prompt_response":
+        if found == "prompt_response":
             records.append(SFTRecord(_text(row, "prompt", source, i), _text(row, "response", source, i)))
-        elif fmt == "alpaca":
+        elif found == "alpaca":
             instruction, extra = _text(row, "instruction", source, i), (row.get("input") or "").strip()
             template = ALPACA_TEMPLATE_WITH_INPUT if extra else ALPACA_TEMPLATE
-            records.append(SFTRecord(template.format(instruction=instruction, input=extra), _text(row, "output", source, i)))
+            records.append(SFTRecord(template.format(instruction=instruction, input=extra),
+                                     _text(row, "output", source, i)))
         else:
             chat = _conversation(row["messages"], "messages", source, i)
             if chat[-1]["role"] != "assistant" or not chat[-1]["content"].strip() or len(chat) < 2:
@@ -254,18 +260,19 @@ def implicit_prompt(a: str, b: str) -> str:
 
 
 def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source: str) -> list[PreferenceRecord]:
-    fmt = detect_format(rows, PREFERENCE_COLUMNS, source) if fmt == "auto" else fmt
-    _require(rows, PREFERENCE_COLUMNS[fmt], fmt, source)
+    found = detect_format(rows, PREFERENCE_COLUMNS, source) if fmt == "auto" else fmt
+    _require(rows, PREFERENCE_COLUMNS[found], found, source)
     records = []
     for i, row in enumerate(rows):
         margin = float(row.get("margin") or 0.0)
         soft_label = float(row["soft_label"]) if row.get("soft_label") is not None else 1.0
         if not 0.0 <= soft_label <= 1.0:
             raise DataError(f"{source} row {i}: soft_label {soft_label} is not a probability in [0, 1]")
-        if fmt == "explicit":
+        prompt: str | Conversation
+        if found == "explicit":
             prompt = _text(row, "prompt", source, i)
             chosen, rejected = _text(row, "chosen", source, i), _text(row, "rejected", source, i)
-        elif fmt == "implicit":
+        elif found == "implicit":
             full_c, full_r = _text(row, "chosen", source, i), _text(row, "rejected", source, i)
             if full_c.strip() == full_r.strip():  # one dialogue twice: no answer to tell apart
                 records.append(PreferenceRecord(full_c.strip(), "", "", margin, soft_label))

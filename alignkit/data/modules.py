@@ -8,13 +8,13 @@ from __future__ import annotations
 import abc
 import random
 import sys
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
-from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alignkit import seeds
 from alignkit.data.formats import (
@@ -29,11 +29,15 @@ from alignkit.data.formats import (
     sft_records,
 )
 from alignkit.data.report import DataReport
-from alignkit.data.tokenize import (Truncation, TruncationStats, encode_prompt, encode_response,
-                                     truncate_to_fit)
+from alignkit.data.tokenize import Truncation, TruncationStats, encode_prompt, encode_response, truncate_to_fit
 from alignkit.rollout import left_pad
 from alignkit.task import Task
 from alignkit.types import PreferenceBatch, PromptBatch, SFTBatch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from alignkit.module import AlignModule
 
 IGNORE = -100
 
@@ -42,6 +46,10 @@ IDENTICAL = "identical chosen/rejected"
 IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
 
 Length = int | Literal["auto"]
+
+#: An SFT example, (prompt ids, response ids), and a row of examples packed together (``packing``).
+SFTExample = tuple[list[int], list[int]]
+PackedRow = list[SFTExample]
 
 
 def _check_length(name: str, value: Any) -> None:
@@ -57,6 +65,11 @@ def right_pad(rows: list[list[int]], pad: int, length: int | None = None) -> tup
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    # `decode` is typed for batches too (str | list[str]); one list of ids decodes to one str.
+    return cast(str, tokenizer.decode(ids))
 
 
 class ResumableSampler(DistributedSampler):
@@ -76,8 +89,8 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, *args, lengths: list[int] | None = None, batch_size: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        if lengths is not None and len(lengths) != len(self.dataset):
-            raise ValueError(f"{len(lengths)} lengths for {len(self.dataset)} rows")
+        if lengths is not None and len(lengths) != len(cast(Sized, self.dataset)):
+            raise ValueError(f"{len(lengths)} lengths for {len(cast(Sized, self.dataset))} rows")
         self.lengths, self.batch_size = lengths, batch_size
 
     def __iter__(self) -> Iterator[int]:
@@ -95,16 +108,18 @@ class ResumableSampler(DistributedSampler):
     def order(self) -> list[int]:
         """Every row of this epoch, in training order, before the split over ranks."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        n = len(self.dataset)
+        n = len(cast(Sized, self.dataset))  # a list of examples (DistributedSampler needs a sized data set)
         order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
         return order if self.lengths is None else self.length_grouped(order, generator)
 
     def length_grouped(self, order: list[int], generator: torch.Generator) -> list[int]:
         size = self.batch_size * self.num_replicas  # a global batch
         mega = size * self.group
+        lengths = self.lengths
+        assert lengths is not None  # order() groups by length only with lengths
         batches = []
         for start in range(0, len(order), mega):
-            chunk = sorted(order[start: start + mega], key=lambda i: -self.lengths[i])  # stable: ties keep order
+            chunk = sorted(order[start: start + mega], key=lambda i: -lengths[i])  # stable: ties keep order
             batches += [chunk[i: i + size] for i in range(0, len(chunk), size)]
         full = len(order) // size  # batches[full:] is the partial last batch, if any
         if self.shuffle:
@@ -123,6 +138,7 @@ class ResumableLoader(DataLoader):
     one too high.)
     """
 
+    sampler: ResumableSampler  # (set by DataLoader)
     _yielded = 0
     _epoch: int | None = None  # of the current (or last) pass
     _resume: dict[str, int] | None = None
@@ -133,7 +149,8 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)
 
-    def __iter__(self) -> Iterator[Any]:
+    # A generator of batches rather than DataLoader's iterator class: Lightning only iterates it.
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # A generator: this runs at the first batch, after Lightning has set the sampler's epoch.
         sampler, resume, skip = self.sampler, self._resume, 0
         self._resume = None
@@ -144,6 +161,7 @@ class ResumableLoader(DataLoader):
         else:
             self._epoch = sampler.epoch if self._epoch is None else self._epoch + 1
         sampler.set_epoch(self._epoch)
+        assert self.batch_size is not None  # train_dataloader batches by batch_size
         sampler.skip = skip * self.batch_size
         self.generator.manual_seed(sampler.seed + self._epoch)  # worker seeds, also on resume
         self._yielded = skip
@@ -202,7 +220,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
         self.truncation, self.val_fraction, self.limit = truncation, val_fraction, limit
         self.chat_template, self.bootstrap, self.shuffle = chat_template, bootstrap, shuffle
         self.seed, self.num_workers, self.group_by_length = seed, num_workers, group_by_length
-        self.tokenizer = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.context: int | None = None  # the model's context length, which caps `auto` lengths
         self.auto: dict[str, str] = {}  # limit -> how `auto` set it
         self.stats = TruncationStats()
@@ -259,7 +277,8 @@ class AlignData(L.LightningDataModule, abc.ABC):
         if self.tokenizer is None:
             from alignkit.models.loading import context_length
 
-            module = self.trainer.lightning_module
+            assert self.trainer is not None, "setup outside a Trainer needs attach(tokenizer) first"
+            module = cast("AlignModule", self.trainer.lightning_module)
             self.attach(module.tokenizer, context_length(module.policy))
         self.seed = self.run_seed
         if self.train_set:
@@ -275,10 +294,11 @@ class AlignData(L.LightningDataModule, abc.ABC):
         if self.bootstrap:
             rng = random.Random(f"bootstrap:{self.run_seed}")
             self.train_set = [self.train_set[rng.randrange(len(self.train_set))] for _ in self.train_set]
+        max_length, max_prompt_length = self._resolved_lengths()
         self.report = DataReport(
             source=self.source, kind=self.kind, format=self.format_name, rows=self.rows_read,
-            train=len(self.train_set), val=len(self.val_set), stats=self.stats, max_length=self.max_length,
-            max_prompt_length=self.max_prompt_length, responses=self.response_names, auto=dict(self.auto),
+            train=len(self.train_set), val=len(self.val_set), stats=self.stats, max_length=max_length,
+            max_prompt_length=max_prompt_length, responses=self.response_names, auto=dict(self.auto),
             tokens=self.tokens, unk_tokens=self.unk_tokens, identical_pairs=self.identical_pairs, **self.hints())
         self.publish_report()
 
@@ -286,13 +306,14 @@ class AlignData(L.LightningDataModule, abc.ABC):
         """What fixes a high ``<unk>`` rate (``unk``) and a context too short for ``auto`` lengths (``context``):
         for the tiny model, its own options."""
         policy = getattr(getattr(self.trainer, "lightning_module", None), "policy_config", None)
-        if getattr(policy, "name_or_path", None) != "tiny":
+        if policy is None or getattr(policy, "name_or_path", None) != "tiny":
             return {}
         context = policy.tiny.max_position_embeddings
         hints = {"context": f"raise model.policy.tiny.max_position_embeddings (now {context})"}
         if self.path is not None:
             hints["unk"] = (f"train the tiny model's tokenizer on this data too "
-                            f"(--model.policy.tiny.data={self.path}), or use a pretrained model (model.policy.name_or_path)")
+                            f"(--model.policy.tiny.data={self.path}), "
+                            f"or use a pretrained model (model.policy.name_or_path)")
         return hints
 
     def publish_report(self) -> None:
@@ -328,20 +349,29 @@ class AlignData(L.LightningDataModule, abc.ABC):
             self.auto["max_length"] = (f"the model's context (longest example: {longest} tokens)" if longest > cap
                                        else "the longest example")
         if self.max_prompt_length == "auto":
-            if longest <= self.max_length and longest_prompt <= cap:
+            max_length = self.max_length
+            assert max_length != "auto"  # resolved above
+            if longest <= max_length and longest_prompt <= cap:
                 self.max_prompt_length, why = longest_prompt, "the longest prompt"
             else:
-                reserve = min(longest_response, self.max_length // 2)
-                self.max_prompt_length = max(min(longest_prompt, cap, self.max_length - reserve), 1)
+                reserve = min(longest_response, max_length // 2)
+                self.max_prompt_length = prompt_length = max(min(longest_prompt, cap, max_length - reserve), 1)
                 why = (f"max_length - {reserve} tokens kept for the response (longest prompt: {longest_prompt} "
-                       f"tokens)" if longest_prompt > self.max_prompt_length else "the longest prompt")
+                       f"tokens)" if longest_prompt > prompt_length else "the longest prompt")
             self.auto["max_prompt_length"] = why
+
+    def _resolved_lengths(self) -> tuple[int, int]:
+        """``(max_length, max_prompt_length)`` once :meth:`resolve_lengths` has set those given as ``auto``."""
+        max_length, max_prompt_length = self.max_length, self.max_prompt_length
+        assert max_length != "auto" and max_prompt_length != "auto", "resolve_lengths() sets the auto lengths"
+        return max_length, max_prompt_length
 
     def fit_example(self, row: int, prompt_ids: list[int], responses: list[list[int]]
                     ) -> tuple[list[int], list[list[int]]] | None:
         """Count the example's tokens and ``<unk>`` tokens, then apply the truncation policy (None: dropped)."""
         self.count_tokens([prompt_ids, *responses])
-        return truncate_to_fit(prompt_ids, responses, self.max_length, self.max_prompt_length, self.truncation,
+        max_length, max_prompt_length = self._resolved_lengths()
+        return truncate_to_fit(prompt_ids, responses, max_length, max_prompt_length, self.truncation,
                                self.stats, f"{self.source} row {row}")
 
     def count_tokens(self, sequences: list[list[int]]) -> None:
@@ -370,8 +400,10 @@ class AlignData(L.LightningDataModule, abc.ABC):
         lengths = [self.length(e) for e in self.train_set] if self.group_by_length else None
         sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle,
                                    seed=self.run_seed, lengths=lengths, batch_size=self.batch_size)
-        loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                                 num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.run_seed))
+        # (A list of examples serves as the map-style data set; torch types that as Dataset.)
+        loader = ResumableLoader(cast("Dataset[Any]", self.train_set), batch_size=self.batch_size, sampler=sampler,
+                                 collate_fn=self.collate, num_workers=self.num_workers,
+                                 generator=torch.Generator().manual_seed(self.run_seed))
         if self.train_loader_state is not None:  # restored from a checkpoint: the trainer's loader asks first
             loader.load_state_dict(self.train_loader_state)
             self.train_loader_state = None
@@ -381,8 +413,9 @@ class AlignData(L.LightningDataModule, abc.ABC):
         if not self.val_set:
             return []
         # A private generator: iterating the loader never draws from the global RNG (which sampling uses).
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.run_seed))
+        return DataLoader(cast("Dataset[Any]", self.val_set), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=self.collate, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.run_seed))
 
     @abc.abstractmethod
     def collate(self, examples: list[Any]):
@@ -391,7 +424,9 @@ class AlignData(L.LightningDataModule, abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """The data report (:class:`~alignkit.data.report.DataReport`: rows, drops, truncation, lengths, ``<unk>``)
         and, during training, the train loader's position (stored in checkpoints)."""
-        state = {"truncated": self.stats.truncated, "dropped": self.stats.dropped, "examples": self.stats.examples}
+        state: dict[str, Any] = {
+            "truncated": self.stats.truncated, "dropped": self.stats.dropped, "examples": self.stats.examples,
+        }
         if self.report is not None:
             state.update(self.report.as_dict())
         loader = self.trainer.train_dataloader if self.trainer is not None else None
@@ -425,6 +460,7 @@ class SFTData(AlignData):
         self._rows: list[dict[str, Any]] = []
 
     def task_rows(self) -> list[dict[str, Any]]:
+        assert self.task is not None  # read without data.path (__init__ needs one of them)
         return [{"prompt": d.prompt, "response": d.response} for d in self.task.demonstrations()]
 
     @property
@@ -433,39 +469,46 @@ class SFTData(AlignData):
             return self.format
         return detect_format(self._rows, SFT_COLUMNS, self.source)
 
-    def encode(self, rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    def encode(self, rows: list[dict[str, Any]]) -> list[SFTExample] | list[PackedRow]:
+        """Examples ``(prompt ids, response ids)``; with ``packing``, rows of them packed together."""
         self.rows_read += len(rows)
         self._rows = rows[:1]
-        items = []
+        tokenizer = self.tokenizer
+        assert tokenizer is not None  # attach() or setup() gives it
+        items: list[tuple[int, list[int], list[list[int]]]] = []
         for i, record in enumerate(sft_records(rows, self.format, self.source)):
-            prompt_ids = encode_prompt(self.tokenizer, record.prompt, self.chat_template)
-            response_ids = encode_response(self.tokenizer, record.prompt, prompt_ids, record.response, self.chat_template)
+            prompt_ids = encode_prompt(tokenizer, record.prompt, self.chat_template)
+            response_ids = encode_response(tokenizer, record.prompt, prompt_ids, record.response, self.chat_template)
             items.append((i, prompt_ids, [response_ids]))
         self.resolve_lengths(items)
-        examples = []
+        examples: list[SFTExample] = []
         for i, prompt_ids, responses in items:
             fitted = self.fit_example(i, prompt_ids, responses)
             if fitted is not None:
                 examples.append((fitted[0], fitted[1][0]))
-        return pack(examples, self.max_length) if self.packing else examples
+        return pack(examples, self._resolved_lengths()[0]) if self.packing else examples
 
-    def length(self, example: tuple[list[int], list[int]] | list[tuple[list[int], list[int]]]) -> int:
-        pairs = example if self.packing else [example]
+    # An example is a packed row with `packing`, else one (prompt, response) pair: `packing` decides which.
+    def length(self, example: SFTExample | PackedRow) -> int:
+        pairs = cast(PackedRow, example) if self.packing else [cast(SFTExample, example)]
         return sum(len(p) + len(r) for p, r in pairs)
 
-    def collate(self, examples: list[tuple[list[int], list[int]]] | list[list[tuple[list[int], list[int]]]]) -> SFTBatch:
+    def collate(self, examples: list[SFTExample] | list[PackedRow]) -> SFTBatch:
+        tokenizer = self.tokenizer
+        assert tokenizer is not None  # attach() or setup() gives it
         if self.packing:
-            return collate_packed(examples, self.tokenizer.pad_token_id)
-        ids, mask = right_pad([p + r for p, r in examples], self.tokenizer.pad_token_id)
+            return collate_packed(cast(list[PackedRow], examples), tokenizer.pad_token_id)
+        pairs = cast(list[SFTExample], examples)
+        ids, mask = right_pad([p + r for p, r in pairs], tokenizer.pad_token_id)
         labels = torch.full_like(ids, IGNORE)
-        for i, (p, r) in enumerate(examples):
+        for i, (p, r) in enumerate(pairs):
             labels[i, len(p): len(p) + len(r)] = torch.tensor(r)
         return SFTBatch(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def pack(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[list[tuple[list[int], list[int]]]]:
+def pack(examples: list[SFTExample], max_length: int) -> list[PackedRow]:
     """Greedy first-fit packing of (prompt, response) examples into rows of at most ``max_length`` tokens."""
-    rows: list[list[tuple[list[int], list[int]]]] = []
+    rows: list[PackedRow] = []
     room: list[int] = []
     for example in sorted(examples, key=lambda e: -(len(e[0]) + len(e[1]))):
         size = len(example[0]) + len(example[1])
@@ -479,7 +522,7 @@ def pack(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[l
     return rows
 
 
-def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad: int) -> SFTBatch:
+def collate_packed(rows: list[PackedRow], pad: int) -> SFTBatch:
     flat = [[t for p, r in row for t in p + r] for row in rows]
     ids, mask = right_pad(flat, pad)
     labels = torch.full_like(ids, IGNORE)
@@ -545,7 +588,10 @@ class PreferenceData(AlignData):
     def encode(self, rows: list[dict[str, Any]]) -> list[PreferenceExample]:
         self.rows_read += len(rows)
         self._rows = rows[:1]
-        items, records = [], {}
+        tokenizer = self.tokenizer
+        assert tokenizer is not None  # attach() or setup() gives it
+        items: list[tuple[int, list[int], list[list[int]]]] = []
+        records = {}
         for i, record in enumerate(preference_records(rows, self.format, self.source)):
             if record.identical:
                 if self.strict:
@@ -554,9 +600,9 @@ class PreferenceData(AlignData):
                 self.identical_pairs += 1
                 self.stats.drop(IDENTICAL)
                 continue
-            prompt_ids = encode_prompt(self.tokenizer, record.prompt, self.chat_template)
-            chosen = encode_response(self.tokenizer, record.prompt, prompt_ids, record.chosen, self.chat_template)
-            rejected = encode_response(self.tokenizer, record.prompt, prompt_ids, record.rejected, self.chat_template)
+            prompt_ids = encode_prompt(tokenizer, record.prompt, self.chat_template)
+            chosen = encode_response(tokenizer, record.prompt, prompt_ids, record.chosen, self.chat_template)
+            rejected = encode_response(tokenizer, record.prompt, prompt_ids, record.rejected, self.chat_template)
             items.append((i, prompt_ids, [chosen, rejected]))
             records[i] = record
         self.resolve_lengths(items)
@@ -584,6 +630,7 @@ class PreferenceData(AlignData):
         prompts = [e.prompt_ids for e in examples] * 2
         sequences = [p + a for p, a in zip(prompts, answers)]
         responses = [(len(p), len(a)) for p, a in zip(prompts, answers)]
+        assert self.tokenizer is not None  # attach() or setup() gives it
         ids, mask = right_pad(sequences, self.tokenizer.pad_token_id)
         loss_mask = torch.zeros_like(mask)
         for row, (start, length) in enumerate(responses):
@@ -611,6 +658,7 @@ class PromptData(AlignData):
         self.column = column
 
     def task_rows(self) -> list[dict[str, Any]]:
+        assert self.task is not None  # read without data.path (__init__ needs one of them)
         return [{self.column: p} for p in self.task.train_prompts()]
 
     @property
@@ -621,26 +669,30 @@ class PromptData(AlignData):
         if rows and self.column not in rows[0]:
             raise DataError(f"{self.source}: prompt column {self.column!r} missing; found {', '.join(sorted(rows[0]))}")
         self.rows_read += len(rows)
-        items, texts = [], {}
+        tokenizer = self.tokenizer
+        assert tokenizer is not None  # attach() or setup() gives it
+        items: list[tuple[int, list[int], list[list[int]]]] = []
+        texts: dict[int, str] = {}
         for i, row in enumerate(rows):
             prompt = row[self.column]
             if not prompt or (isinstance(prompt, str) and not prompt.strip()):
                 raise DataError(f"{self.source} row {i}: empty {self.column!r}")
-            ids = encode_prompt(self.tokenizer, prompt, self.chat_template)
+            ids = encode_prompt(tokenizer, prompt, self.chat_template)
             items.append((i, ids, []))
-            texts[i] = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+            texts[i] = prompt if isinstance(prompt, str) else _decode(tokenizer, ids)
         self.resolve_lengths(items)
+        max_prompt_length = self._resolved_lengths()[1]
         examples = []
         for i, ids, _ in items:
             self.count_tokens([ids])
-            fitted = truncate_to_fit(ids, [[]], self.max_prompt_length, self.max_prompt_length, self.truncation,
+            fitted = truncate_to_fit(ids, [[]], max_prompt_length, max_prompt_length, self.truncation,
                                      self.stats, f"{self.source} row {i}")
             if fitted is None:
                 continue
             text = texts[i]
             if fitted[0] != ids:
                 # Reward models and the gold reward must judge the prompt the policy saw, not the one it was cut from.
-                text = self.tokenizer.decode(fitted[0])
+                text = _decode(tokenizer, fitted[0])
             examples.append(PromptExample(i, text, fitted[0]))
         return examples
 
@@ -648,12 +700,14 @@ class PromptData(AlignData):
         if self.path is not None:
             return super().hold_out(examples)
         # A task has its own held-out prompts: validate on those, train on every train prompt.
+        assert self.task is not None  # __init__ needs data.path or data.task
         return examples, self.encode([{self.column: p} for p in self.task.eval_prompts()])
 
     def length(self, example: PromptExample) -> int:
         return len(example.ids)
 
     def collate(self, examples: list[PromptExample]) -> PromptBatch:
+        assert self.tokenizer is not None  # attach() or setup() gives it
         ids, mask = left_pad([e.ids for e in examples], self.tokenizer.pad_token_id)
         return PromptBatch(input_ids=ids, attention_mask=mask, prompts=[e.text for e in examples],
                            index=torch.tensor([e.index for e in examples], dtype=torch.long))

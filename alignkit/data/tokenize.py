@@ -110,7 +110,8 @@ def truncate_to_fit(prompt_ids: list[int], responses: list[list[int]], max_lengt
     prompt_ids = prompt_ids[-max_prompt_length:]
     room = max_length - len(prompt_ids)
     if room < 1 and longest:  # a prompt alone (PromptData) needs no room for a response
-        raise DataError(f"{where}: max_prompt_length={max_prompt_length} leaves no room for the response in max_length={max_length}")
+        raise DataError(f"{where}: max_prompt_length={max_prompt_length} leaves no room for the response "
+                        f"in max_length={max_length}")
     for k, r in enumerate(responses):
         stats.responses_truncated[k] += len(r) > room
     return prompt_ids, [r[:room] for r in responses]

@@ -4,8 +4,7 @@ pairs, with the losses of :mod:`alignkit_plugins.dpo.losses` applied to policy a
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from alignkit import (
     LossOutput,
     PluginError,
     PreferenceBatch,
+    atomic_write_bytes,
     check_shared_prompt,
     first_target_column,
     hookimpl,
@@ -33,7 +33,9 @@ REFERENCE_CACHE_FILE = "reference_logps.pt"
 CACHE_VERSION = 1
 
 
-def concatenated_logps(model: nn.Module, batch: PreferenceBatch, length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+def concatenated_logps(
+    model: nn.Module, batch: PreferenceBatch, length_normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Sequence log-probabilities of the chosen and the rejected responses from ONE forward pass over all
     ``2B`` rows of the batch.
 
@@ -62,7 +64,9 @@ def concatenated_logps(model: nn.Module, batch: PreferenceBatch, length_normaliz
     return logps[:pairs], logps[pairs:]
 
 
-def shared_prompt_logps(model: nn.Module, batch: PreferenceBatch, length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+def shared_prompt_logps(
+    model: nn.Module, batch: PreferenceBatch, length_normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
     """:func:`concatenated_logps` over the shared-prompt layout (:mod:`alignkit.pairs`): each pair's prompt runs
     once, its chosen and rejected responses follow in the same row (``P + 2R`` tokens instead of ``2(P + R)``).
 
@@ -132,7 +136,8 @@ def data_fingerprint(loaders: Iterable[Iterable[PreferenceBatch]]) -> str:
                 digest = hashlib.sha256()
                 for row in (i, pairs + i):
                     real = batch.attention_mask[row].bool()
-                    digest.update(repr((batch.input_ids[row][real].tolist(), batch.loss_mask[row][real].tolist())).encode())
+                    tokens = (batch.input_ids[row][real].tolist(), batch.loss_mask[row][real].tolist())
+                    digest.update(repr(tokens).encode())
                 rows[index] = digest.hexdigest()
     return hashlib.sha256(repr(sorted(rows.items())).encode()).hexdigest()
 
@@ -260,7 +265,8 @@ class DPO(Algorithm):
             return
         loaders = module.dataloaders_to_precompute()
         if loaders is None:
-            raise PluginError("dpo: reference_logps=precompute needs a Lightning data module (trainer.fit(datamodule=...))")
+            raise PluginError("dpo: reference_logps=precompute needs a Lightning data module "
+                              "(trainer.fit(datamodule=...))")
         meta = self.cache_meta(module, loaders)
         path = self.cache_path(module)
         if self._cache is None or self._cache["meta"] != meta:  # nothing (or a stale table) from a checkpoint
@@ -300,8 +306,8 @@ class DPO(Algorithm):
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` under a temporary name, then rename into place."""
+    """``torch.save`` into memory, then written atomically (temporary file, fsync, rename; usual permissions)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        torch.save(obj, tmp)
-    os.replace(tmp.name, path)
+    atomic_write_bytes(path, buffer.getvalue())

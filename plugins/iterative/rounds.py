@@ -60,7 +60,7 @@ from alignkit import (
     sample_pairs,
     write_jsonl,
 )
-from alignkit_plugins.iterative.labellers import LabelContext, Labeller, Labelled
+from alignkit_plugins.iterative.labellers import LabelContext, Labelled, Labeller
 from alignkit_plugins.rewards.model import RewardModelReward, resolve_model_dir
 
 Method = Literal["rm_ppo", "dpo"]

@@ -181,7 +181,8 @@ class PPO(OnlineAlgorithm):
                           "critic model)", DeprecationWarning, stacklevel=2)
             critic_kind = critic
         super().__init__(update_epochs=update_epochs, target_approx_kl=target_approx_kl, max_grad_norm=max_grad_norm)
-        for name, value in (("num_minibatches", num_minibatches), ("gradient_accumulation_steps", gradient_accumulation_steps)):
+        counts = (("num_minibatches", num_minibatches), ("gradient_accumulation_steps", gradient_accumulation_steps))
+        for name, value in counts:
             if value < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {value}")
         self.sampling = sampling
@@ -190,7 +191,8 @@ class PPO(OnlineAlgorithm):
         self.vf_coef, self.entropy_coef, self.whiten = vf_coef, entropy_coef, whiten
         self.loss_aggregation = loss_aggregation
         self.missing_stop_penalty, self.critic_kind = missing_stop_penalty, critic_kind
-        self.num_minibatches, self.gradient_accumulation_steps, self.seed = num_minibatches, gradient_accumulation_steps, seed
+        self.num_minibatches, self.gradient_accumulation_steps = num_minibatches, gradient_accumulation_steps
+        self.seed = seed
         self.kl_controller = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if kl_target is not None
                               else FixedKLController(kl_coef))
         self.value_head: ValueHead | None = None

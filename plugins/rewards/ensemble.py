@@ -56,7 +56,8 @@ class RewardEnsemble(Reward):
         if not paths:
             raise ValueError("RewardEnsemble.paths must list at least one reward model, got none")
         if method not in ENSEMBLE_METHODS:
-            raise ValueError(f"RewardEnsemble.method {method!r} is unknown; expected one of {', '.join(ENSEMBLE_METHODS)}")
+            raise ValueError(f"RewardEnsemble.method {method!r} is unknown; "
+                             f"expected one of {', '.join(ENSEMBLE_METHODS)}")
         if not (math.isfinite(uncertainty_coef) and uncertainty_coef >= 0):
             raise ValueError(f"RewardEnsemble.uncertainty_coef must be a finite number >= 0, got {uncertainty_coef}")
         self.method, self.uncertainty_coef = method, uncertainty_coef

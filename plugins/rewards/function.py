@@ -125,7 +125,8 @@ class FunctionReward(Reward):
 
     def score(self, prompts: list[str], responses: list[str], rollout: Rollout | None = None) -> RewardOutput:
         result = self.function(list(prompts), list(responses), **self.kwargs)
-        return RewardOutput(self.reward_name, as_scores(result, len(responses), f"reward function {self.function_path!r}"))
+        scores = as_scores(result, len(responses), f"reward function {self.function_path!r}")
+        return RewardOutput(self.reward_name, scores)
 
     def extra_repr(self) -> str:
         return f"function={self.function_path!r}, kwargs={self.kwargs}, name={self.reward_name!r}, weight={self.weight}"
@@ -147,7 +148,8 @@ class GoldReward(Reward):
         self.task = task
 
     def score(self, prompts: list[str], responses: list[str], rollout: Rollout | None = None) -> RewardOutput:
-        return RewardOutput(self.reward_name, torch.tensor(self.task.gold_rewards(prompts, responses), dtype=torch.float32))
+        gold = torch.tensor(self.task.gold_rewards(prompts, responses), dtype=torch.float32)
+        return RewardOutput(self.reward_name, gold)
 
     def extra_repr(self) -> str:
         return f"task={type(self.task).__name__}, name={self.reward_name!r}, weight={self.weight}"

@@ -14,8 +14,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alignkit import (LossOutput, OnlineAlgorithm, Rollout, SamplingConfig, TensorRecord, hookimpl, masked_mean,
-                      response_logprobs)
+from alignkit import (
+    LossOutput,
+    OnlineAlgorithm,
+    Rollout,
+    SamplingConfig,
+    TensorRecord,
+    hookimpl,
+    masked_mean,
+    response_logprobs,
+)
 
 
 def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
@@ -118,7 +126,8 @@ class RLOO(OnlineAlgorithm):
     def alignkit_loss(self, module, batch: GroupExperience) -> LossOutput:
         logprobs = response_logprobs(module.policy, batch.sequences, batch.attention_mask, batch.prompt_length,
                                      self.sampling.temperature)  # differentiable: the training forward
-        loss, stats = clipped_pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, self.clip_range)
+        loss, stats = clipped_pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask,
+                                      self.clip_range)
         return LossOutput(loss, {"train/loss": loss.detach(), **stats}, approx_kl=stats["policy/approxkl"])
 
     @hookimpl

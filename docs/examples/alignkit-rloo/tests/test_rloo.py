@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from alignkit_rloo import RLOO, clipped_pg_loss, grpo_advantages, rloo_advantages
 
 # two prompts, k = 3 samples each

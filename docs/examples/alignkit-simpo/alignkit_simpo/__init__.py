@@ -17,7 +17,8 @@ from alignkit import Algorithm, LossOutput, PreferenceBatch, hookimpl
 from alignkit_plugins.dpo import concatenated_logps
 
 
-def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float,
+               gamma: float) -> tuple[Tensor, Tensor, Tensor]:
     """The SimPO loss (Meng et al. 2024, Eq. 6) of each pair:
 
         L = −log σ( β/|y_c|·log π(y_c|x) − β/|y_r|·log π(y_r|x) − γ )

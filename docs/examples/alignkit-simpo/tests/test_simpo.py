@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from alignkit_simpo import SimPO, simpo_loss
 
 
