@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = bool(os.environ.get("ALIGNKIT_DEBUG"))
     try:
-        if argv and argv[0] in commands.available():
+        if argv and argv[0] in commands.targets():
             commands.run(argv[0], argv[1:])
         else:
             AlignCLI(args=None if from_command_line else argv)

@@ -11,27 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-
-from alignkit.collect import collect
-from alignkit.compare import compare
-from alignkit.data.formats import DataError
-from alignkit.evaluation import evaluate
-from alignkit.manager import PluginError, discover
-from alignkit.module import NonFiniteError
-from alignkit.run import METRICS_FILE, RunExistsError
+from alignkit.errors import DataError, NonFiniteError, PluginError, RunExistsError
 from alignkit.seeds import derive_seed
 
 USER_ERRORS = (DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
 
 
-def plugins(kind: Literal["all", "algorithm", "reward", "task", "other", "broken"] = "all") -> None:
-    """List the plugins registered in the ``alignkit`` entry-point group.
+def plugins(kind: Literal["all", "algorithm", "reward", "task", "command", "other", "broken"] = "all") -> None:
+    """List the plugins: the ``alignkit`` entry-point group (algorithms, rewards, tasks) and the commands that
+    plugins add through ``alignkit.commands`` (kind ``command``, e.g. Constitutional AI's ``cai-*``).
 
     Args:
         kind: show only plugins of this kind.
     """
-    rows = [p for p in discover() if kind in ("all", p.kind)]
+    from alignkit.manager import discover, discover_commands
+
+    rows = [p for p in [*discover(), *discover_commands(COMMAND_GROUP)] if kind in ("all", p.kind)]
     table = [("name", "kind", "distribution", "target", "hooks")] + [
         (p.name, p.kind, f"{p.distribution} {p.version}", p.target,
          ", ".join(h.removeprefix("alignkit_") for h in p.hooks) or "-") for p in rows]
@@ -101,7 +96,7 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
             (:mod:`alignkit.seeds`). A stage's own ``args`` win. None: each stage's recipe and options decide.
     """
     from alignkit.fitting import fit
-    from alignkit.run import default_run_dir, has_checkpoint
+    from alignkit.run import METRICS_FILE, default_run_dir, has_checkpoint
 
     for stage in stages:  # a stage's name is the name of its folder under run_dir
         if not re.fullmatch(r"[A-Za-z0-9_-]+", stage.name or ""):
@@ -118,10 +113,10 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
         if (stage_dir / METRICS_FILE).exists():
             print(f"[pipeline] {stage.name}: already finished in {stage_dir}, skipped")
             continue
-        if stage.command != "fit" and stage.command not in available():
+        if stage.command != "fit" and stage.command not in targets():
             raise DataError(f"pipeline stage {stage.name!r}: unknown command {stage.command!r}; "
-                            f"known: fit, {', '.join(sorted(available()))}")
-        seeded = stage_seed_args(stage, seed, available()) if seed is not None else []
+                            f"known: fit, {', '.join(sorted(targets()))}")
+        seeded = stage_seed_args(stage, seed, {stage.command: load(stage.command)}) if seed is not None else []
         args = [*seeded, *(substitute(a, outputs) for a in stage.args)]
         print(f"[pipeline] {stage.name}: {stage.command} {' '.join(shlex.quote(a) for a in args)}"
               + (f"  (seed {seed}: {', '.join(seeded) or 'none derived'})" if seed is not None else ""))
@@ -139,19 +134,33 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
     return outputs
 
 
-COMMANDS = {"pipeline": pipeline, "plugins": plugins, "collect": collect, "eval": evaluate, "compare": compare}
+#: The built-in commands, as ``"module:function"`` targets: imported only when run (``alignkit --help`` and
+#: ``alignkit plugins`` import none of them).
+COMMANDS = {"pipeline": "alignkit.commands:pipeline", "plugins": "alignkit.commands:plugins",
+            "collect": "alignkit.collect:collect", "eval": "alignkit.evaluation:evaluate",
+            "compare": "alignkit.compare:compare", "study": "alignkit.study:study"}
 COMMAND_GROUP = "alignkit.commands"
 
 
-def available() -> dict[str, Callable[..., Any]]:
-    """The built-in commands and those plugins register in the ``alignkit.commands`` entry-point group
-    (name → typed function), e.g. Constitutional AI's ``cai-revise``."""
+def targets() -> dict[str, str]:
+    """Every command: the built-in ones and those plugins register in the ``alignkit.commands`` entry-point group
+    (name → ``"module:function"``), without importing any of them. A built-in name wins over a plugin's."""
     from importlib.metadata import entry_points
 
-    from alignkit.study import study  # imports this module: loaded on first use
+    return {**{ep.name: ep.value for ep in entry_points(group=COMMAND_GROUP)}, **COMMANDS}
 
-    table = {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
-    return {**{name: ep.load() for name, ep in table.items() if name not in COMMANDS}, **COMMANDS, "study": study}
+
+def load(name: str) -> Callable[..., Any]:
+    """The typed function behind command ``name``."""
+    import importlib
+
+    module, _, function = targets()[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def available() -> dict[str, Callable[..., Any]]:
+    """Every command (see :func:`targets`), loaded: name → typed function, e.g. Constitutional AI's ``cai-revise``."""
+    return {name: load(name) for name in targets()}
 
 
 _LAST_COMMAND: list[str] = []
@@ -164,8 +173,10 @@ def last_command() -> list[str]:
 
 def run(name: str, argv: list[str]) -> object:
     """Parse ``argv`` for command ``name`` (``--config FILE`` allowed) and call it."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
     _LAST_COMMAND[:] = [name, *argv]
-    function = available()[name]
+    function = load(name)
     summary = (function.__doc__ or "").split("\n\n")[0]  # the Args section becomes the options' help
     parser = ArgumentParser(prog=f"alignkit {name}", description=summary, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")

@@ -30,7 +30,7 @@ class PluginInfo:
     """One entry point of the ``alignkit`` group, as listed by ``alignkit plugins``."""
 
     name: str
-    kind: str  # algorithm | reward | task | other | broken
+    kind: str  # algorithm | reward | task | command | other | broken
     target: str  # "module:Class"
     distribution: str
     version: str
@@ -68,6 +68,17 @@ def discover() -> list[PluginInfo]:
             kind, hooks = "broken", (f"{type(exc).__name__}: {exc}",)
         infos.append(PluginInfo(name=ep.name, kind=kind, target=ep.value, distribution=dist.name if dist else "?",
                                 version=dist.version if dist else "?", hooks=hooks))
+    return infos
+
+
+def discover_commands(group: str) -> list[PluginInfo]:
+    """The commands plugins add to the CLI (entry points of ``group``), kind ``command``, listed without importing
+    them (``alignkit <name> --help`` loads one)."""
+    infos = []
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        dist = ep.dist
+        infos.append(PluginInfo(name=ep.name, kind="command", target=ep.value, distribution=dist.name if dist else "?",
+                                version=dist.version if dist else "?", hooks=()))
     return infos
 
 

@@ -67,7 +67,8 @@ def test_installed_entry_points_match_pyproject_and_load():
 
 
 def test_console_script():
-    assert PYPROJECT["project"]["scripts"]["alignkit"] == "alignkit.cli:main"
-    from alignkit.cli import main
+    assert PYPROJECT["project"]["scripts"]["alignkit"] == "alignkit.help:main"
+    from alignkit.cli import main as cli_main
+    from alignkit.help import main
 
-    assert callable(main)
+    assert callable(main) and callable(cli_main)

@@ -17,7 +17,16 @@ from alignkit_plugins.iterative.labellers import (
     Labeller,
     LabelsPending,
 )
-from alignkit_plugins.iterative.rounds import RoundState, iterate
 
 __all__ = ["AnnotatorLabeller", "FileLabeller", "Judge", "JudgeLabeller", "LabelContext", "Labeller",
            "LabelsPending", "RoundState", "iterate"]
+
+
+def __getattr__(name: str):
+    """``iterate`` and ``RoundState`` load on first use: their module imports Lightning, which listing the
+    labellers (``alignkit plugins``) must not pay for."""
+    if name in ("RoundState", "iterate"):
+        from alignkit_plugins.iterative import rounds
+
+        return getattr(rounds, name)
+    raise AttributeError(f"module 'alignkit_plugins.iterative' has no attribute {name!r}")

@@ -1,0 +1,52 @@
+"""``alignkit`` explains itself: the overview lists every command (the trainer's and every built-in or plugin
+command) with its one-line summary, each command answers ``--help``, and ``alignkit plugins`` lists the commands
+that plugins add (kind ``command``) beside the algorithms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from alignkit.commands import targets
+from alignkit.help import docstring_summary, main, module_source
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
+def test_the_overview_lists_every_command_with_its_summary(argv, capsys):
+    main(argv)
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    expected = {"fit", "validate", "pipeline", "plugins", "collect", "eval", "compare", "study", "bench", "iterate",
+                "cai-revise", "cai-feedback", "cai-compliance"}
+    assert expected <= set(lines) and set(targets()) | {"fit", "validate"} == set(lines)
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines.values()), "a command without a summary"
+    assert "Sample two responses per train prompt" in lines["collect"]
+
+
+def test_summaries_are_read_without_importing_the_command():
+    """Reading a plugin command's summary must not import its package (whose ``__init__`` may import torch)."""
+    code = ("import sys; from alignkit.help import docstring_summary; "
+            "s = docstring_summary('alignkit_plugins.constitutional.commands:critique_revise'); "
+            "assert s.startswith('SL-CAI'), s; "
+            "assert 'torch' not in sys.modules and 'alignkit_plugins.constitutional' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert module_source("alignkit.no_such_module") is None and docstring_summary("alignkit.commands:nope") == ""
+
+
+@pytest.mark.parametrize("name", sorted(targets()))
+def test_every_command_answers_help(name, capsys):
+    from alignkit.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as info:
+        cli_main([name, "--help"])
+    assert info.value.code == 0
+    assert f"alignkit {name}" in capsys.readouterr().out
+
+
+def test_plugins_lists_command_plugins(capsys):
+    main(["plugins", "--kind", "command"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert {"cai-revise", "cai-feedback", "cai-compliance", "iterate", "bench"} <= {r[0] for r in rows}
+    assert all(r[1] == "command" for r in rows)
