@@ -169,12 +169,12 @@ def builtin_entry_points() -> dict[str, str]:
 def generate() -> str:
     import alignkit.data as data_modules
     from alignkit.cli import AlignCLI
-    from alignkit.commands import COMMANDS, Stage
+    from alignkit.commands import COMMAND_GROUP, COMMANDS, Stage, load
     from alignkit.data.modules import AlignData
     from alignkit.gold_eval import GoldEval
     from alignkit.manager import plugin_kind
     from alignkit.module import AlignModule
-    from alignkit.study import Claim, Method, StudyEvaluation, study
+    from alignkit.study import Claim, Method, StudyEvaluation
 
     with attribute_docstrings():
         out = ["# Recipe reference", "",
@@ -218,7 +218,12 @@ def generate() -> str:
         out += ["## Commands", "",
                 "`alignkit <command> --option=value ...`, or the same options in a YAML file given with `--config`.",
                 ""]
-        for name, function in {**COMMANDS, "study": study}.items():
+        pyproject = tomllib.loads((DOCS.parent / "pyproject.toml").read_text())
+        plugin_commands = pyproject["project"]["entry-points"][COMMAND_GROUP]  # alignkit's own, not installed ones
+        functions = {**{name: load(name) for name in COMMANDS},
+                     **{name: EntryPoint(name, target, COMMAND_GROUP).load()
+                        for name, target in sorted(plugin_commands.items())}}
+        for name, function in functions.items():
             out += [f"### alignkit {name}", "", summary(function), "", *table(function_options(function)), ""]
         out += ["A pipeline stage (`stages:` items, and a study's `upstream:` items):", "",
                 *table(class_options(Stage)), ""]
