@@ -135,6 +135,7 @@ class AlignCLI(LightningCLI):
         # One seed drives the run: every seed left unset derives from it by its role (recorded in config.yaml).
         run_seed = cfg.seed_everything if cfg.seed_everything is not False else global_seed()
         fill_seeds(cfg, run_seed)
+        fill_tiny_data(cfg)
         rank_zero = is_launch_rank_zero()
         if rank_zero and self.subcommand == "fit":
             check_fresh(run_dir, resuming=cfg.resume)  # a refusal writes nothing, not even the lock
@@ -202,6 +203,17 @@ class AlignCLI(LightningCLI):
                                        tags=[algorithm], name=f"{group}/{run_dir.name}", job_type=algorithm,
                                        config=self._cfg.clone().as_dict(), id=previous or None, resume="allow"))
         return loggers
+
+
+def fill_tiny_data(cfg: Any) -> None:
+    """The tiny model trained on the user's data file reads it without ``<unk>``: unless ``model.policy.tiny.data``
+    is set, its byte-level tokenizer is also trained on ``data.init_args.path`` (recorded in ``config.yaml``)."""
+    policy = cfg.get("model.policy")
+    path = cfg.get("data.init_args.path") if cfg.get("data.init_args") is not None else None
+    if policy is None or policy.get("name_or_path") != "tiny" or not path or policy.get("tiny") is None:
+        return
+    if policy.tiny.get("data") is None:
+        policy.tiny.data = str(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -501,6 +501,9 @@ class RunDirectory(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
+        if trainer.is_global_zero:
+            resuming = f" (resuming after step {self.resumed_step - 1})" if self.resumed_step else ""
+            print(f"alignkit: run directory {self.run_dir}{resuming}", file=sys.stderr, flush=True)
         if self.resumed_step is None or not trainer.is_global_zero:
             return
         writer = self.csv_writer(trainer)
@@ -536,7 +539,21 @@ class RunDirectory(L.Callback):
                 "data": data.state_dict() if data is not None else {},
                 "model": str(self.run_dir / MODEL_DIR),
             })
+            print(run_summary(self.run_dir, trainer.global_step, self.earlier_wall_time + time.perf_counter()
+                              - self.started, final), file=sys.stderr, flush=True)
         trainer.strategy.barrier("alignkit-export")
+
+
+#: The metrics a run's one-line summary shows when it logged them, in this order.
+SUMMARY_METRICS = ("train/loss", "val/loss", "objective/scores", "objective/kl", "eval/gold_reward", "eval/kl")
+
+
+def run_summary(run_dir: Path, steps: int, wall_time_s: float, final: dict[str, float]) -> str:
+    """The line ``alignkit fit`` ends with: where the run went, how long it took and how it ended."""
+    shown = [f"{key} {final[key]:.4g}" for key in SUMMARY_METRICS if isinstance(final.get(key), (int, float))]
+    return (f"alignkit: finished {run_dir}: {steps} steps in {wall_time_s:.1f} s"
+            + (f"; {', '.join(shown)}" if shown else "") + f" (model in {run_dir / MODEL_DIR}, metrics in "
+            f"{run_dir / METRICS_FILE})")
 
 
 def keep_completions(path: Path, step: int) -> None:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import QUIET, TINY_MODEL, run_cli, write_jsonl
 from conftest import make_data as make
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -243,3 +244,21 @@ def test_recipes_train_on_user_data(tmp_path, capsys):
         data = json.loads((stage / "metrics.json").read_text())["data"]
         assert data["unk_tokens"] == 0 and data["truncated"] == 0 and data["identical_pairs"] == 1
         assert f"data: {DATA / name} (preference" in capsys.readouterr().out
+
+
+def test_the_tiny_model_reads_the_user_file_it_trains_on(tmp_path, capsys):
+    """The default tiny model with a user's data file and no ``tiny.data``: its tokenizer is trained on that file
+    too (recorded in config.yaml), so nothing is ``<unk>``; the run says where it went and how it ended."""
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    run_dir = tmp_path / "sft"
+    run_cli(["fit", "--config", recipes / "sft.yaml", *TINY_MODEL, *QUIET, "--trainer.max_steps=2",
+             "--data.init_args.batch_size=4", f"--data.init_args.path={USER_FILES[0]}",
+             "--model.policy.tiny.max_position_embeddings=512", "--run_dir", run_dir])
+    data = json.loads((run_dir / "metrics.json").read_text())["data"]
+    assert data["unk_tokens"] == 0 and data["warnings"] == []
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["policy"]["tiny"]["data"] == USER_FILES[0]
+    err = capsys.readouterr().err
+    assert f"alignkit: run directory {run_dir}\n" in err
+    (summary,) = [line for line in err.splitlines() if line.startswith("alignkit: finished")]
+    assert f"finished {run_dir}: 2 steps in " in summary and "train/loss " in summary and "model in" in summary
