@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "PromptBatch": "alignkit.types",
     "Rollout": "alignkit.types",
     "LossOutput": "alignkit.types",
+    "shuffled_minibatches": "alignkit.types",
     # errors a plugin raises or catches
     "PluginError": "alignkit.errors",
     "DataError": "alignkit.errors",
@@ -149,4 +150,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from alignkit.run import METRICS_FILE, MODEL_DIR, check_fresh, default_run_dir
     from alignkit.seeds import ALGORITHM, ANNOTATOR, FEEDBACK, derive_seed, fixed_seed, resolve_seed
     from alignkit.task import Demonstration, Lexicon, PreferencePair, SimulatedAnnotator, Task, bradley_terry
-    from alignkit.types import LossOutput, PreferenceBatch, PromptBatch, Rollout, SFTBatch, TensorRecord
+    from alignkit.types import (
+        LossOutput,
+        PreferenceBatch,
+        PromptBatch,
+        Rollout,
+        SFTBatch,
+        TensorRecord,
+        shuffled_minibatches,
+    )

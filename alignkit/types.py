@@ -5,8 +5,9 @@ Shapes: ``B`` sequences, ``P`` prompt length, ``R`` response length, ``T`` full 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -115,3 +116,15 @@ class Rollout(TensorRecord):
     @property
     def response_ids(self) -> Tensor:  # (B, R)
         return self.sequences[:, self.prompt_length:]
+
+
+def shuffled_minibatches(record: Any, num_minibatches: int, micro_batches: int, seed: int,
+                         update: int) -> Iterator[list[Any]]:
+    """One update epoch of an online algorithm: the rows of ``record`` (anything with ``size`` and ``select(rows)``,
+    e.g. an experience record) in an order drawn from ``seed`` and the update's number ``update`` (so a resumed run
+    draws the same orders), split into ``num_minibatches`` minibatches, one optimiser step each, of
+    ``micro_batches`` micro-batches whose gradients accumulate. What ``alignkit_minibatches`` yields."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + update)
+    order = torch.randperm(record.size, generator=generator)
+    for rows in order.chunk(num_minibatches):
+        yield [record.select(micro) for micro in rows.chunk(micro_batches)]

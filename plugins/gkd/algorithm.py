@@ -45,6 +45,7 @@ from alignkit import (
     masked_mean,
     position_ids_from_mask,
     resolve_seed,
+    shuffled_minibatches,
     token_logprobs,
 )
 from alignkit.rollout import generate  # not in the public namespace (see the report of issue #24)
@@ -180,11 +181,9 @@ class GKD(OnlineAlgorithm):
 
     @hookimpl
     def alignkit_minibatches(self, module, experience: GKDExperience) -> Iterator[list[GKDExperience]]:
-        generator = torch.Generator().manual_seed(resolve_seed(self.seed, ALGORITHM) * 1_000_003 + self.updates)
         self.updates += 1
-        order = torch.randperm(experience.size, generator=generator).to(experience.sequences.device)
-        for rows in order.chunk(self.num_minibatches):
-            yield [experience.select(micro) for micro in rows.chunk(self.gradient_accumulation_steps)]
+        yield from shuffled_minibatches(experience, self.num_minibatches, self.gradient_accumulation_steps,
+                                        resolve_seed(self.seed, ALGORITHM), self.updates - 1)
 
     # ------------------------------------------------------------------------------------------ loss
     @hookimpl

@@ -44,6 +44,7 @@ from alignkit import (
     hookimpl,
     resolve_seed,
     response_logprobs,
+    shuffled_minibatches,
 )
 from alignkit_plugins.dpo.losses import DPOVariant, dpo_loss, sequence_logps
 from alignkit_plugins.online_dpo.losses import (
@@ -240,11 +241,9 @@ class OnlineDPO(OnlineAlgorithm):
 
     @hookimpl
     def alignkit_minibatches(self, module, experience: OnlineDPOExperience) -> Iterator[list[OnlineDPOExperience]]:
-        generator = torch.Generator().manual_seed(resolve_seed(self.seed, ALGORITHM) * 1_000_003 + self.updates)
         self.updates += 1
-        order = torch.randperm(experience.size, generator=generator).to(experience.chosen.device)
-        for rows in order.chunk(self.num_minibatches):
-            yield [experience.select(micro) for micro in rows.chunk(self.gradient_accumulation_steps)]
+        yield from shuffled_minibatches(experience, self.num_minibatches, self.gradient_accumulation_steps,
+                                        resolve_seed(self.seed, ALGORITHM), self.updates - 1)
 
     # ------------------------------------------------------------------------------------------ loss
     @hookimpl

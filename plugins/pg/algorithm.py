@@ -30,6 +30,7 @@ from alignkit import (
     masked_mean,
     resolve_seed,
     response_logprobs,
+    shuffled_minibatches,
 )
 from alignkit_plugins.pg.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -341,13 +342,11 @@ class PolicyGradient(OnlineAlgorithm):
 
     @hookimpl
     def alignkit_minibatches(self, module, experience: PGExperience) -> Iterator[list[PGExperience]]:
-        generator = torch.Generator().manual_seed(resolve_seed(self.seed, ALGORITHM) * 1_000_003 + self.updates)
         self.updates += 1
         if experience.size == 0:
             return  # dynamic sampling found no informative group: no update this step
-        order = torch.randperm(experience.size, generator=generator).to(experience.sequences.device)
-        for rows in order.chunk(self.num_minibatches):
-            yield [experience.select(micro) for micro in rows.chunk(self.gradient_accumulation_steps)]
+        yield from shuffled_minibatches(experience, self.num_minibatches, self.gradient_accumulation_steps,
+                                        resolve_seed(self.seed, ALGORITHM), self.updates - 1)
 
     # ------------------------------------------------------------------------------------------ loss
     def surrogate(self, logprobs: Tensor, batch: PGExperience) -> PGLossTerms:

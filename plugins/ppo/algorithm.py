@@ -39,6 +39,7 @@ from alignkit import (
     position_ids_from_mask,
     resolve_seed,
     response_logprobs,
+    shuffled_minibatches,
     token_logprobs,
 )
 from alignkit_plugins.ppo.math import (
@@ -260,11 +261,9 @@ class PPO(OnlineAlgorithm):
 
     @hookimpl
     def alignkit_minibatches(self, module, experience: PPOExperience) -> Iterator[list[PPOExperience]]:
-        generator = torch.Generator().manual_seed(resolve_seed(self.seed, ALGORITHM) * 1_000_003 + self.updates)
         self.updates += 1
-        order = torch.randperm(experience.size, generator=generator)
-        for rows in order.chunk(self.num_minibatches):
-            yield [experience.select(micro) for micro in rows.chunk(self.gradient_accumulation_steps)]
+        yield from shuffled_minibatches(experience, self.num_minibatches, self.gradient_accumulation_steps,
+                                        resolve_seed(self.seed, ALGORITHM), self.updates - 1)
 
     # ------------------------------------------------------------------------------------------ loss
     @hookimpl
