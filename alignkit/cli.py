@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -127,6 +128,8 @@ class AlignCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         if cfg.keep_checkpoints < 1:
             raise ArgumentError(None, f"--keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+        if cfg.resume and not (cfg.run_dir or cfg.trainer.default_root_dir or inherited):
+            raise ArgumentError(None, "--resume true needs --run_dir: the directory of the run to continue")
         if cfg.resume_with_changes and not cfg.resume:
             raise ArgumentError(None, "--resume_with_changes true needs --resume true")
         if self.subcommand == "fit" and cfg.resume and cfg.get("ckpt_path"):
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"alignkit: error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(WRITE_FAILED_EXIT_CODE) from None
-    except (*commands.USER_ERRORS, ArgumentError, ConfigChangedError) as exc:
+    except (*commands.USER_ERRORS, ArgumentError, ConfigChangedError, MisconfigurationException) as exc:
         if debug:
             raise
         message = " ".join(str(exc).split())  # one line, whatever the library's layout

@@ -551,7 +551,7 @@ SUMMARY_METRICS = ("train/loss", "val/loss", "objective/scores", "objective/kl",
 def run_summary(run_dir: Path, steps: int, wall_time_s: float, final: dict[str, float]) -> str:
     """The line ``alignkit fit`` ends with: where the run went, how long it took and how it ended."""
     shown = [f"{key} {final[key]:.4g}" for key in SUMMARY_METRICS if isinstance(final.get(key), (int, float))]
-    return (f"alignkit: finished {run_dir}: {steps} steps in {wall_time_s:.1f} s"
+    return (f"alignkit: finished {run_dir}: {steps} step{'' if steps == 1 else 's'} in {wall_time_s:.1f} s"
             + (f"; {', '.join(shown)}" if shown else "") + f" (model in {run_dir / MODEL_DIR}, metrics in "
             f"{run_dir / METRICS_FILE})")
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import alignkit.cli  # noqa: F401  (imported before any test captures output: lightning's log handler binds it)
 from alignkit.commands import targets
 from alignkit.help import docstring_summary, main, module_source
 
@@ -50,3 +51,22 @@ def test_plugins_lists_command_plugins(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert {"cai-revise", "cai-feedback", "cai-compliance", "iterate", "bench"} <= {r[0] for r in rows}
     assert all(r[1] == "command" for r in rows)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--trainer.max_steps=-5"], "max_steps` must be a non-negative integer or -1"),
+    (["--resume", "true"], "--resume true needs --run_dir"),
+])
+def test_mistakes_get_one_line(args, message, tmp_path, monkeypatch, capsys):
+    """A setting Lightning refuses, or a resume with no run to continue: one ``alignkit: error:`` line, no
+    traceback, exit 2, nothing written."""
+    from conftest import QUIET, SFT_RECIPE, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", SFT_RECIPE, *QUIET, *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("alignkit: error:")]
+    assert message in line and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("model"))
