@@ -105,6 +105,10 @@ class AlignCLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False,
                             help="Continue the unfinished run in --run_dir from its newest intact checkpoint; the "
                                  "configuration must be the one it was started with.")
+        parser.add_argument("--quiet", type=bool, default=True,
+                            help="Silence the libraries' known noise (tips, their own deprecations, progress bars of "
+                                 "single-file writes; alignkit/quiet.py); --quiet false keeps it. (--verbose is "
+                                 "Trainer.validate's own option.)")
         parser.add_argument("--resume_with_changes", type=bool, default=False,
                             help="With --resume: accept a configuration that differs from the run's config.yaml; the "
                                  "changes are recorded in resume_changes.jsonl and the new optimiser settings (e.g. "
@@ -139,6 +143,10 @@ class AlignCLI(LightningCLI):
         run_seed = cfg.seed_everything if cfg.seed_everything is not False else global_seed()
         fill_seeds(cfg, run_seed)
         fill_tiny_data(cfg)
+        if cfg.get("quiet", True):
+            from alignkit.quiet import quiet
+
+            quiet()
         rank_zero = is_launch_rank_zero()
         if rank_zero and self.subcommand == "fit":
             check_fresh(run_dir, resuming=cfg.resume)  # a refusal writes nothing, not even the lock

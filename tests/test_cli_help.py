@@ -70,3 +70,34 @@ def test_mistakes_get_one_line(args, message, tmp_path, monkeypatch, capsys):
     (line,) = [line for line in err.splitlines() if line.startswith("alignkit: error:")]
     assert message in line and "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("model"))
+
+
+def test_known_library_noise_is_filtered_at_its_source():
+    """alignkit.quiet drops the listed messages from their loggers and ignores the listed library warnings; other
+    messages of the same loggers, and other warnings, still come through."""
+    import logging
+    import warnings
+
+    from alignkit.quiet import quiet
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet()
+            logger.warning("💡 Tip: For seamless cloud logging ... try installing [litlogger](...)")
+            logger.warning("`Trainer.fit` stopped: `max_steps=2` reached.")
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+            warnings.warn("a warning about the run itself", UserWarning, stacklevel=1)
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["`Trainer.fit` stopped: `max_steps=2` reached."]
+    assert [str(w.message) for w in caught] == ["a warning about the run itself"]
