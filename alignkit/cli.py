@@ -216,6 +216,46 @@ class AlignCLI(LightningCLI):
         return loggers
 
 
+#: Options whose value may be a plugin's name as ``alignkit plugins`` prints it (``--model.algorithm=dpo``); a list
+#: of names for ``model.rewards`` (``--model.rewards='[gold_reward]'``). (``model.policy.tiny.task`` takes a task's
+#: name itself.)
+NAMED_OPTIONS = ("model.algorithm", "data.init_args.task", "model.rewards", "task", "reward", "judge", "labeller")
+
+
+def resolve_plugin_names(argv: list[str]) -> list[str]:
+    """``argv`` with every plugin name given to a :data:`NAMED_OPTIONS` option replaced by its class path (a class
+    path, or anything that is not a registered name, is left as it is)."""
+    import json
+
+    import yaml
+
+    from alignkit.manager import class_path_of
+
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        key, equals, value = arg.partition("=")
+        previous = argv[i - 1] if i else ""
+        if not equals and previous.startswith("--") and "=" not in previous:  # "--key value"
+            key, value = previous, arg
+        elif not equals:
+            out.append(arg)
+            continue
+        if not key.startswith("--") or key[2:] not in NAMED_OPTIONS:
+            out.append(arg)
+            continue
+        path = class_path_of(value)
+        if path is None and value.startswith("["):
+            items = yaml.safe_load(value)
+            if isinstance(items, list) and any(isinstance(x, str) and class_path_of(x) for x in items):
+                resolved = [{"class_path": class_path_of(x)} if isinstance(x, str) and class_path_of(x) else x
+                            for x in items]
+                path = json.dumps(resolved)
+        if path is not None:
+            arg = f"{key}={path}" if equals else path
+        out.append(arg)
+    return out
+
+
 def fill_tiny_data(cfg: Any) -> None:
     """The tiny model trained on the user's data file reads it without ``<unk>``: unless ``model.policy.tiny.data``
     is set, its byte-level tokenizer is also trained on ``data.init_args.path`` (recorded in ``config.yaml``)."""
@@ -234,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = bool(os.environ.get("ALIGNKIT_DEBUG"))
     try:
+        argv = resolve_plugin_names(argv)
+        if from_command_line:
+            sys.argv[1:] = argv  # LightningCLI reads sys.argv
         if argv and argv[0] in commands.targets():
             commands.run(argv[0], argv[1:])
         else:

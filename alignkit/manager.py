@@ -82,6 +82,16 @@ def discover_commands(group: str) -> list[PluginInfo]:
     return infos
 
 
+def class_path_of(name: str) -> str | None:
+    """The ``module.Class`` path of the plugin registered as ``name`` in the ``alignkit`` entry-point group, None
+    when no plugin has that name; a :class:`PluginError` when two installed packages use it."""
+    found = sorted({ep.value for ep in entry_points(group=GROUP) if ep.name == name})
+    if len(found) > 1:
+        raise PluginError(f"plugin name {name!r} is registered by several packages ({', '.join(found)}): give the "
+                          f"class_path instead")
+    return found[0].replace(":", ".") if found else None
+
+
 def find_task(name: str):
     """The task class registered under entry-point ``name`` (e.g. "sentiment")."""
     tasks = {ep.name: ep for ep in entry_points(group=GROUP)}

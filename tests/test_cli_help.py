@@ -101,3 +101,28 @@ def test_known_library_noise_is_filtered_at_its_source():
         logger.removeHandler(handler)
     assert seen == ["`Trainer.fit` stopped: `max_steps=2` reached."]
     assert [str(w.message) for w in caught] == ["a warning about the run itself"]
+
+
+def test_plugins_are_named_as_alignkit_plugins_prints_them():
+    from alignkit.cli import resolve_plugin_names
+
+    argv = ["fit", "--config", "recipes/dpo.yaml", "--model.algorithm=dpo", "--data.init_args.task", "sentiment",
+            "--model.rewards=[gold_reward, {class_path: my.Reward}]", "--model.policy.tiny.task=reverse",
+            "--model.algorithm.init_args.beta=0.2", "--task=alignkit_plugins.tasks.ReverseTask"]
+    out = resolve_plugin_names(argv)
+    assert out[3] == "--model.algorithm=alignkit_plugins.dpo.DPO"
+    assert out[4:6] == ["--data.init_args.task", "alignkit_plugins.tasks.SentimentTask"]
+    assert out[6] == ('--model.rewards=[{"class_path": "alignkit_plugins.rewards.GoldReward"}, '
+                      '{"class_path": "my.Reward"}]')
+    assert out[7:] == argv[7:]  # a task's own name, other options and class paths stay as they are
+
+
+def test_a_run_selects_its_algorithm_by_name(tmp_path):
+    from conftest import QUIET, SFT_RECIPE, TINY_MODEL, run_cli
+
+    run_cli(["fit", "--config", SFT_RECIPE, *TINY_MODEL, *QUIET, "--model.algorithm=sft", "--trainer.max_steps=1",
+             "--data.init_args.task.init_args.num_train_prompts=20", "--run_dir", tmp_path / "run"])
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["model"]["algorithm"]["class_path"] == "alignkit_plugins.sft.SFT"
