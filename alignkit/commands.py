@@ -128,7 +128,10 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
                 raise FileNotFoundError(f"pipeline stage {stage.name!r}: recipe {recipe} does not exist")
             # a stage stopped part-way (a checkpoint but no summary yet) continues from its last checkpoint
             resume = ["--resume", "true"] if has_checkpoint(stage_dir) else []
-            fit(["--config", str(recipe), *args, *(set or []), "--run_dir", str(stage_dir), *resume])
+            # every stage of one pipeline run in one wandb group (runs named <group>/<stage>), unless told otherwise
+            given = any(a.split("=")[0] == "--experiment" for a in [*args, *(set or [])])
+            group = [] if given else [f"--experiment={root.parent.name}/{root.name}"]
+            fit(["--config", str(recipe), *group, *args, *(set or []), "--run_dir", str(stage_dir), *resume])
         else:
             run(stage.command, [*args, "--run_dir", str(stage_dir)])
     return outputs
@@ -184,6 +187,10 @@ def run(name: str, argv: list[str]) -> object:
     cfg = parser.parse_args(argv)
     if name in ("pipeline", "study") and cfg.get("config") and cfg.base_dir == ".":
         cfg.base_dir = str(Path(str(cfg.config[-1])).parent)  # recipes are relative to the pipeline file
+    if name == "pipeline" and cfg.get("config") and not cfg.run_dir:
+        from alignkit.run import default_run_dir
+
+        cfg.run_dir = str(default_run_dir(str(cfg.config[-1])))  # runs/<pipeline file's name>/<timestamp>
     if name == "study" and cfg.get("config") and not cfg.name:
         cfg.name = Path(str(cfg.config[-1])).stem  # the wandb group: the study file's name
     init = parser.instantiate(cfg)

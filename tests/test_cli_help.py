@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,26 @@ def test_a_run_selects_its_algorithm_by_name(tmp_path):
 
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert config["model"]["algorithm"]["class_path"] == "alignkit_plugins.sft.SFT"
+
+
+def test_a_pipelines_stages_share_one_wandb_group(tmp_path, monkeypatch):
+    """Each fit stage of a pipeline gets --experiment=<pipeline>/<timestamp> (its wandb group; runs are named
+    <group>/<stage>), unless the stage or --set names one; a pipeline file's runs go to runs/<its name>/<time>."""
+    import yaml
+
+    import alignkit.fitting
+    from alignkit.cli import main as cli_main
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(alignkit.fitting, "fit", lambda argv: calls.append(list(argv)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("seed_everything: 0\n")
+    stages = {"stages": [{"name": "first", "recipe": "a.yaml"},
+                         {"name": "second", "recipe": "a.yaml", "args": ["--experiment=mine"]}]}
+    (tmp_path / "mypipe.yaml").write_text(yaml.safe_dump(stages))
+    cli_main(["pipeline", "--config", "mypipe.yaml"])
+    first, second = calls
+    (group,) = [a for a in first if a.startswith("--experiment=")]
+    root = Path(first[first.index("--run_dir") + 1]).parent
+    assert root.parent == Path("runs") / "mypipe" and group == f"--experiment=mypipe/{root.name}"
+    assert [a for a in second if a.startswith("--experiment")] == ["--experiment=mine"]
