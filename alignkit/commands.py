@@ -116,7 +116,8 @@ def pipeline(stages: list[Stage], run_dir: str | None = None, set: list[str] | N
         if stage.command != "fit" and stage.command not in targets():
             raise DataError(f"pipeline stage {stage.name!r}: unknown command {stage.command!r}; "
                             f"known: fit, {', '.join(sorted(targets()))}")
-        seeded = stage_seed_args(stage, seed, {stage.command: load(stage.command)}) if seed is not None else []
+        commands = {} if stage.command == "fit" else {stage.command: load(stage.command)}
+        seeded = stage_seed_args(stage, seed, commands) if seed is not None else []
         args = [*seeded, *(substitute(a, outputs) for a in stage.args)]
         print(f"[pipeline] {stage.name}: {stage.command} {' '.join(shlex.quote(a) for a in args)}"
               + (f"  (seed {seed}: {', '.join(seeded) or 'none derived'})" if seed is not None else ""))
