@@ -146,7 +146,7 @@ COMMANDS = {"pipeline": "alignkit.commands:pipeline", "plugins": "alignkit.comma
 COMMAND_GROUP = "alignkit.commands"
 
 
-def targets() -> dict[str, str]:
+def targets() -> dict[str, Any]:
     """Every command: the built-in ones and those plugins register in the ``alignkit.commands`` entry-point group
     (name → ``"module:function"``), without importing any of them. A built-in name wins over a plugin's."""
     from importlib.metadata import entry_points
@@ -158,7 +158,10 @@ def load(name: str) -> Callable[..., Any]:
     """The typed function behind command ``name``."""
     import importlib
 
-    module, _, function = targets()[name].partition(":")
+    target = targets()[name]
+    if callable(target):  # a function put in the table directly (a test's stand-in, an embedding application)
+        return target
+    module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
 
 

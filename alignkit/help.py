@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 #: The two Lightning subcommands of ``alignkit`` (``alignkit.cli.AlignCLI``), which are not functions.
 TRAINER_COMMANDS = {
@@ -61,9 +62,11 @@ def first_sentence(doc: str, limit: int = 96) -> str:
     return sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
 
 
-def overview(commands: dict[str, str]) -> str:
-    """The text of ``alignkit --help``: usage, then one line per command (``commands``: name → target)."""
-    rows = [*TRAINER_COMMANDS.items(), *sorted((name, docstring_summary(t)) for name, t in commands.items())]
+def overview(commands: dict[str, Any]) -> str:
+    """The text of ``alignkit --help``: usage, then one line per command (``commands``: name → target, or the
+    function itself)."""
+    rows = [*TRAINER_COMMANDS.items(), *sorted((name, first_sentence(t.__doc__ or "") if callable(t) else
+                                                docstring_summary(t)) for name, t in commands.items())]
     width = max(len(name) for name, _ in rows)
     lines = ["usage: alignkit <command> [options]   (alignkit <command> --help: the command's options)", "",
              "commands:"]
