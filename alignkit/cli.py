@@ -60,7 +60,7 @@ class AtomicSaveConfig(SaveConfigCallback):
         log_dir = trainer.log_dir  # a broadcast: every rank asks
         assert log_dir is not None
         if trainer.is_global_zero:
-            atomic_write_text(Path(log_dir) / self.config_filename, self.parser.dump(self.config, skip_none=False))
+            atomic_write_text(Path(log_dir) / self.config_filename, self.parser.dump(self.config, skip_unset=False))
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
@@ -165,7 +165,7 @@ class AlignCLI(LightningCLI):
         import yaml
 
         check_fresh(run_dir, resuming=True)
-        new = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_none=False))
+        new = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_unset=False))
         changes = check_resume_config(run_dir, new, cfg.resume_with_changes)
         checkpoint = resume_checkpoint(run_dir)
         if changes:

@@ -395,3 +395,20 @@ def test_dpo_reference_cache_is_loaded_with_weights_only(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         algorithm.ensure_reference_cache(module)
     assert not marker.exists()
+
+
+def test_an_in_process_resume_uses_no_deprecated_library_call(tmp_path, monkeypatch):
+    """The resume path compares configurations through jsonargparse's ``dump``; in-process (as the study and the
+    pipeline run their stages), where alignkit's own deprecation warnings are errors, it must not use the deprecated
+    ``skip_none`` keyword (caught by the SIGKILL stress test)."""
+    from conftest import QUIET, SFT_RECIPE, TINY_MODEL, run_cli
+
+    monkeypatch.setenv("JSONARGPARSE_DEPRECATION_WARNINGS", "all")  # not only the first of a kind per process
+    run = tmp_path / "run"
+    args = ["fit", "--config", SFT_RECIPE, *TINY_MODEL, *QUIET, "--data.init_args.task.init_args.num_train_prompts=40",
+            "--checkpoint_every=1", "--run_dir", run]
+    run_cli([*args, "--trainer.max_steps=2"])
+    (run / "metrics.json").unlink()  # as if it had stopped after its step-2 checkpoint
+    shutil.rmtree(run / "model")
+    run_cli([*args, "--trainer.max_steps=3", "--resume", "true", "--resume_with_changes", "true"])
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 3
