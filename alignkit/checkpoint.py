@@ -21,7 +21,7 @@ import random
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, NoReturn, cast
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -78,6 +78,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _discard_and_reraise(tmp: Path, target: Path, exc: BaseException) -> NoReturn:
+    """A write of ``target`` through ``tmp`` failed: remove ``tmp`` and raise ``exc`` (as :class:`WriteFailed` when
+    the disk is full or not writable)."""
+    tmp.unlink(missing_ok=True)
+    failed = as_write_failed(target, exc)
+    if failed is exc:
+        raise exc
+    raise failed from exc
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into ``.<name>.<random>.tmp`` next to the target, ``fsync``, then ``os.replace``, then the
     file's SHA-256 into ``<name>.sha256`` (the old checksum is removed before the rename, so a checksum never
@@ -120,11 +130,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            failed = as_write_failed(target, exc)
-            if failed is exc:
-                raise
-            raise failed from exc
+            _discard_and_reraise(tmp, target, exc)
         if self.staging:
             self._writes.append((tmp, target, writer.sha256.hexdigest()))
         else:
@@ -138,11 +144,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fsync_dir(target.parent)
             atomic_write_bytes(checksum_path(target), f"{digest}  {target.name}\n".encode())
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            failed = as_write_failed(target, exc)
-            if failed is exc:
-                raise
-            raise failed from exc
+            _discard_and_reraise(tmp, target, exc)
         fsync_dir(target.parent)
 
     def remove_checkpoint(self, path) -> None:
