@@ -32,6 +32,7 @@ from jsonargparse._optionals import get_docstring_parse_options
 
 DOCS = Path(__file__).resolve().parent
 OUTPUT = DOCS / "reference.md"
+ROOT = DOCS.parent
 KINDS = (("algorithm", "Algorithms", "model.algorithm"), ("reward", "Rewards", "model.rewards"),
          ("task", "Tasks", "data.init_args.task"), ("other", "Other plugins", "model.plugins"))
 
@@ -109,6 +110,10 @@ def function_options(function: Any) -> list[Option]:
 
 
 def scalar(value: Any) -> str:
+    """A default as YAML; a path inside this checkout is shown relative to it, so the page is the same on every
+    machine (the shipped constitution's default is an absolute path at run time)."""
+    if isinstance(value, str) and value.startswith(str(ROOT) + "/"):
+        value = value[len(str(ROOT)) + 1:]
     text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, allow_unicode=True).strip()
     return text.removesuffix("...").strip()
 

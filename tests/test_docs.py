@@ -149,6 +149,16 @@ def test_reference_is_up_to_date(tmp_path):
         pytest.fail(f"docs/reference.md is stale: run `python docs/gen_reference.py`\n{diff}")
 
 
+def test_reference_does_not_depend_on_where_the_checkout_is(tmp_path):
+    """CI checks out elsewhere than a developer: an absolute path in a default made the committed page stale there."""
+    generator = load_generator()
+    fresh = tmp_path / "reference.md"
+    assert generator.main([str(fresh)]) == 0
+    text = fresh.read_text()
+    assert str(generator.ROOT) not in text
+    assert "`plugins/constitutional/constitution.yaml`" in text
+
+
 def test_reference_covers_every_builtin_entry_point():
     text = (DOCS / "reference.md").read_text()
     names = list(load_generator().builtin_entry_points())  # pyproject.toml's `alignkit` entry points
