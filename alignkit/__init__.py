@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "shuffled_minibatches": "alignkit.types",
     # errors a plugin raises or catches
     "PluginError": "alignkit.errors",
+    "ConfigError": "alignkit.errors",
     "DataError": "alignkit.errors",
     "NonFiniteError": "alignkit.errors",
     "RunExistsError": "alignkit.errors",
@@ -85,6 +86,7 @@ _EXPORTS: dict[str, str] = {
     "ALGORITHM": "alignkit.seeds",
     # files: atomic writes and JSON lines
     "read_jsonl": "alignkit.io",
+    "read_user_text": "alignkit.io",
     "write_jsonl": "alignkit.io",
     "append_jsonl": "alignkit.io",
     "atomic_write_text": "alignkit.io",
@@ -121,7 +123,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from alignkit.collect import PREFERENCES_FILE, label_summary, sample_pairs
     from alignkit.data.modules import right_pad
     from alignkit.data.tokenize import TruncationStats, encode_prompt, encode_response, truncate_to_fit
-    from alignkit.errors import DataError, NonFiniteError, PluginError, RunExistsError
+    from alignkit.errors import ConfigError, DataError, NonFiniteError, PluginError, RunExistsError
     from alignkit.evaluation import evaluate
     from alignkit.fitting import finish_wandb_run, fit
     from alignkit.io import (
@@ -130,6 +132,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         atomic_write_json,
         atomic_write_text,
         read_jsonl,
+        read_user_text,
         write_jsonl,
     )
     from alignkit.models.final_layer import last_columns

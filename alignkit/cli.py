@@ -298,12 +298,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except Exception as exc:
         number = write_errno(exc)  # a full disk met by a write without a file name of its own (a library's)
-        if debug or number not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if debug:
+            raise
+        cause = user_error_cause(exc, commands.USER_ERRORS)
+        if cause is not None and number is None:  # e.g. a plugin's __init__ failing inside jsonargparse
+            print(f"alignkit: error: {type(cause).__name__}: {' '.join(str(cause).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if number not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         where = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
         failed = WriteFailed(where or f"a file in {os.environ.get(RUN_DIR_ENV, 'the run directory')}", number)
         print(f"alignkit: error: {failed}", file=sys.stderr)
         raise SystemExit(WRITE_FAILED_EXIT_CODE) from None
+
+
+def user_error_cause(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first user error (one of ``kinds``) among the explicit causes (``raise ... from``) of ``exc``: jsonargparse
+    wraps an error raised while it builds a component (a reward model directory that is gone, say) in a ValueError
+    listing every type it tried; the cause is what the user must fix. Implicit contexts are not followed, so a bug
+    raised while handling some OSError is not passed off as a user error."""
+    current = exc.__cause__
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from alignkit.errors import DataError, NonFiniteError, PluginError, RunExistsError
+from alignkit.errors import ConfigError, DataError, NonFiniteError, PluginError, RunExistsError
 from alignkit.seeds import derive_seed
 
-USER_ERRORS = (DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
+USER_ERRORS = (ConfigError, DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
 
 
 def plugins(kind: Literal["all", "algorithm", "reward", "task", "command", "other", "broken"] = "all") -> None:

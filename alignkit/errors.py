@@ -20,6 +20,11 @@ class DataError(ValueError):
     """Bad input data; the message names the source, the row or the column at fault."""
 
 
+class ConfigError(ValueError):
+    """A setting cannot work as given (e.g. it needs an optional package that is not installed); the message names
+    the option and what to do."""
+
+
 class RunExistsError(FileExistsError):
     """The chosen run directory already holds a finished run."""
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from alignkit.checkpoint import rng_states, set_rng_states
 from alignkit.evaluation import sample_responses, score_samples, win_rate, with_task_stop
-from alignkit.io import append_jsonl, atomic_write_text, parse_jsonl_line
+from alignkit.io import append_jsonl, atomic_write_text, parse_jsonl_line, read_user_text
 from alignkit.plugin import Reward
 from alignkit.rollout import SamplingConfig
 from alignkit.task import Task
@@ -264,7 +264,7 @@ def read_trajectory(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / GOLD_EVAL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (was the run trained with alignkit.gold_eval.GoldEval?)")
-    return [_parse(path, number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
+    return [_parse(path, number, line) for number, line in enumerate(read_user_text(path).splitlines(), 1)
             if line.strip()]
 
 

@@ -154,6 +154,22 @@ def append_jsonl(path: Path, row: Any) -> None:
         os.fsync(f.fileno())
 
 
+def read_user_text(path: str | Path) -> str:
+    """The text of a file a user gave (data, prompts, labels, a constitution), decoded as UTF-8; a leading byte-order
+    mark is skipped. Bytes that are not UTF-8 raise a one-line :class:`alignkit.errors.DataError` naming the file,
+    the line (from 1) and the column of the first bad byte, instead of Python's byte offset into the whole file."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # the offset counts after the BOM
+        line = raw.count(b"\n", 0, start) + 1
+        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+        bad = raw[start:start + 1].hex()
+        raise DataError(f"{path}, line {line}, column {column}: byte 0x{bad} is not UTF-8; save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def parse_jsonl_line(path: str | Path, number: int, line: str) -> Any:
     """The value of line ``number`` (from 1) of the JSON-lines file ``path``; a line that is not valid JSON raises
     a one-line :class:`alignkit.errors.DataError` (a ValueError) naming the file and the line."""
@@ -167,9 +183,9 @@ def read_jsonl(path: str | Path) -> list[Any]:
     """The values of a JSON-lines file, in file order; blank lines are skipped, and a line that is not valid JSON
     raises a one-line :class:`alignkit.errors.DataError` naming the file and the line (:func:`parse_jsonl_line`)."""
     return [parse_jsonl_line(path, number, line)
-            for number, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+            for number, line in enumerate(read_user_text(path).splitlines(), 1) if line.strip()]
 
 
 __all__ = ["WRITE_ERRNOS", "append_jsonl", "as_write_failed", "atomic_write_bytes", "atomic_write_json",
-           "atomic_write_text", "fsync_dir", "jsonl_text", "parse_jsonl_line", "read_jsonl", "temporary_name",
-           "write_errno", "write_jsonl"]
+           "atomic_write_text", "fsync_dir", "jsonl_text", "parse_jsonl_line", "read_jsonl", "read_user_text",
+           "temporary_name", "write_errno", "write_jsonl"]

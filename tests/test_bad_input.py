@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,13 @@ def test_collect_refuses_a_finished_run_dir(capsys, tmp_path):
                                         "--task=alignkit_plugins.tasks.SentimentTask", "--run_dir", run_dir]))
     assert "RunExistsError" in line and str(run_dir) in line
     assert digest(run_dir) == before
+
+
+def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(capsys, tmp_path, tiny_overrides, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets where it is not installed
+    run_dir = tmp_path / "run"
+    line = alignkit_error(fail(capsys, fit_args(tiny_overrides, run_dir, "--model.policy.lora={r: 4}",
+                                                "--model.policy.quantization=4bit")))
+    assert "ConfigError: model.quantization='4bit' needs bitsandbytes" in line
+    assert "pip install 'alignkit[qlora]'" in line
+    assert not (run_dir / "model").exists()

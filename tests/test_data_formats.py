@@ -19,6 +19,7 @@ from alignkit.data.formats import (
     preference_records,
     sft_records,
 )
+from alignkit.io import read_jsonl
 
 SFT_ROWS = [
     {"prompt": "review : the pizza at the diner on monday", "response": "the pizza was great"},
@@ -203,6 +204,19 @@ def test_malformed_jsonl_line_names_the_file_and_line(tmp_path, tiny_tokenizer):
     document.write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]\n')
     with pytest.raises(DataError, match=r"bad\.json' could not be read: line 3: invalid JSON"):
         load_rows(str(document))
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_byte_that_is_not_utf8_names_its_line_and_column(tmp_path, bom):
+    """Python's own error gives a byte offset into the whole file; the user needs the line."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(bom + b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "d"}\n')
+    with pytest.raises(DataError) as info:
+        load_rows(str(path))
+    assert str(info.value).startswith(f"{path}, line 2, column 16: byte 0xe9 is not UTF-8")
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match="line 2, column 16"):
+        read_jsonl(path)
 
 
 @pytest.mark.parametrize("text,error", [

@@ -14,6 +14,7 @@ from conftest import word_count_reward
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignkit.data import PreferenceData, PromptData, SFTData
+from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, ModelConfig, TinyModelConfig
 from alignkit.models.loading import load_model
 from alignkit.module import AlignModule
@@ -51,7 +52,7 @@ def preferences(tmp_path, tokenizer) -> PreferenceData:
 
 
 def test_quantization_needs_lora():
-    with pytest.raises(ValueError, match="model.quantization='4bit' needs model.lora"):
+    with pytest.raises(ConfigError, match="model.quantization='4bit' needs model.lora"):
         load_model(ModelConfig(tiny=TINY, quantization="4bit"), "causal_lm")
 
 

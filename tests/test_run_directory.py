@@ -412,3 +412,32 @@ def test_an_in_process_resume_uses_no_deprecated_library_call(tmp_path, monkeypa
     shutil.rmtree(run / "model")
     run_cli([*args, "--trainer.max_steps=3", "--resume", "true", "--resume_with_changes", "true"])
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 3
+
+
+def test_a_reward_model_gone_at_resume_is_one_line_and_the_run_stays_resumable(inputs, tmp_path, monkeypatch,  # noqa: F811
+                                                                                capsys):
+    """jsonargparse wrapped the reward plugin's FileNotFoundError in a Union-matching ValueError with a traceback."""
+    from alignkit.models.loading import ModelConfig, load_model
+    from alignkit.models.tiny import TinyModelConfig
+
+    monkeypatch.chdir(ROOT)
+    rm = tmp_path / "rm" / "model"
+    model, tokenizer = load_model(ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=16, num_layers=1,
+                                              num_heads=2, intermediate_size=32)), "sequence_classification")
+    model.save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    args = [a for a in CASES["ppo"][0](inputs) if not a.startswith("--model.rewards=")]
+    run = tmp_path / "run"
+    crashing = [*args, *COMMON, f"--model.rewards=[{{class_path: alignkit_plugins.rewards.RewardModelReward, "
+                f"init_args: {{path: {rm}}}}}]", callbacks(("Crash", {"marker": str(tmp_path / "c1"), "step": 4})),
+                "--run_dir", run]
+    with pytest.raises(RuntimeError, match="at step 4"):
+        run_cli(["fit", *crashing])
+    before = step_files(run)
+    shutil.rmtree(rm.parent)
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", *crashing, "--resume", "true"])
+    assert info.value.code == 2
+    assert one_error_line(capsys) == (f"alignkit: error: FileNotFoundError: RewardModelReward path '{rm}': no such "
+                                      f"reward model directory (config.json missing)")
+    assert step_files(run) == before  # nothing of the run was touched: it resumes once the directory is back

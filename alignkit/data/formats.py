@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.errors import DataError
+from alignkit.io import read_user_text
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -95,8 +96,7 @@ def read_json_rows(path: str, strings: bool = False) -> list[dict[str, Any]]:
     the order the columns first appear) and a column mixing integers and floats holds floats. Bad JSON is a
     :class:`DataError` naming the file and the line. With ``strings``, a JSON Lines line may also be a string
     (a row of one ``text`` column, as in a JSON list of strings)."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is skipped
-        text = f.read()
+    text = read_user_text(path)  # a leading byte-order mark is skipped; a byte that is not UTF-8 names its line
     rows = _document_rows(path, text) if text.lstrip().startswith("[") else _line_rows(path, text, strings)
     if not any(rows):
         raise DataError(f"data {path!r} could not be read: no data")

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from alignkit.errors import ConfigError
 from alignkit.models.final_layer import final_layer_at
 from alignkit.models.tiny import TinyModelConfig, build_tiny_model, init_seed
 from alignkit.ops import accepts_argument, unwrap_peft
@@ -116,13 +117,13 @@ def _load_quantized(cfg: ModelConfig, head: ModelHead) -> tuple[PreTrainedModel,
     """QLoRA's base: the model quantized by bitsandbytes at load time (``load_model`` prepares it for k-bit
     training and adds the adapters)."""
     if cfg.lora is None:
-        raise ValueError(f"model.quantization={cfg.quantization!r} needs model.lora: a quantized base stays frozen, "
-                         f"only adapters train")
+        raise ConfigError(f"model.quantization={cfg.quantization!r} needs model.lora: a quantized base stays frozen, "
+                          f"only adapters train")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError(f"model.quantization={cfg.quantization!r} needs bitsandbytes "
-                         f"(pip install bitsandbytes)") from None
+        raise ConfigError(f"model.quantization={cfg.quantization!r} needs bitsandbytes, which is not installed: "
+                          f"pip install 'alignkit[qlora]' (or pip install bitsandbytes)") from None
     from transformers import BitsAndBytesConfig
 
     dtype = DTYPES[cfg.dtype]

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from alignkit import DataError
+from alignkit import DataError, read_user_text
 
 #: The constitution that ships with alignkit (principles for the ``sentiment`` task and general ones).
 DEFAULT_CONSTITUTION = Path(__file__).with_name("constitution.yaml")
@@ -128,7 +128,7 @@ def load_constitution(path: str | Path = DEFAULT_CONSTITUTION) -> Constitution:
     if not path.is_file():
         raise ConstitutionError(f"constitution file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_user_text(path))
     except yaml.YAMLError as exc:
         raise ConstitutionError(f"constitution {path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
     return parse_constitution(data, str(path))

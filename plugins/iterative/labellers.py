@@ -21,7 +21,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from alignkit import ANNOTATOR, DataError, PreferencePair, SimulatedAnnotator, Task, derive_seed, write_jsonl
+from alignkit import (
+    ANNOTATOR,
+    DataError,
+    PreferencePair,
+    SimulatedAnnotator,
+    Task,
+    derive_seed,
+    read_user_text,
+    write_jsonl,
+)
 
 #: The file :class:`FileLabeller` writes into the round folder and reads back once filled.
 TO_LABEL_FILE = "to_label.jsonl"
@@ -195,7 +204,7 @@ def read_choices(path: Path, expected: list[dict]) -> list[str]:
     """Validated choices of a filled :data:`TO_LABEL_FILE`, one per expected row. Raises
     :class:`LabelsPending` while no choice is filled, and a DataError naming the lines at fault when the
     file is malformed, has the wrong number of rows, or is only partly filled."""
-    lines = path.read_text().splitlines()
+    lines = read_user_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # a trailing blank line is harmless
     if len(lines) != len(expected):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from alignkit import (
+    ConfigError,
     ModelConfig,
     Reward,
     RewardOutput,
@@ -69,17 +70,21 @@ class RewardModelReward(Reward):
         """
         super().__init__(name=name, weight=weight)
         if batch_size < 1:
-            raise ValueError(f"RewardModelReward.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"RewardModelReward.batch_size must be >= 1, got {batch_size}")
         if max_length is not None and max_length < 2:
-            raise ValueError(f"RewardModelReward.max_length must be >= 2 or None, got {max_length}")
+            raise ConfigError(f"RewardModelReward.max_length must be >= 2 or None, got {max_length}")
         if max_prompt_length is not None and (max_length is None or not 1 <= max_prompt_length < max_length):
-            raise ValueError(f"RewardModelReward.max_prompt_length={max_prompt_length} needs a max_length "
-                             f"greater than it (got max_length={max_length})")
+            raise ConfigError(f"RewardModelReward.max_prompt_length={max_prompt_length} needs a max_length "
+                              f"greater than it (got max_length={max_length})")
         self.path, self.batch_size, self.chat_template = path, batch_size, chat_template
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length or (max_length - 1 if max_length else None)
-        model, tokenizer = load_model(ModelConfig(name_or_path=resolve_model_dir(path), dtype=dtype),
-                                      "sequence_classification")
+        try:
+            model, tokenizer = load_model(ModelConfig(name_or_path=resolve_model_dir(path), dtype=dtype),
+                                          "sequence_classification")
+        except FileNotFoundError as exc:  # e.g. the reward-model stage was moved or deleted since the run began
+            raise FileNotFoundError(f"RewardModelReward path {path!r}: no such reward model directory "
+                                    f"(config.json missing)") from exc
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
 
