@@ -15,6 +15,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import RichProgressBar
@@ -64,6 +65,11 @@ class AtomicSaveConfig(SaveConfigCallback):
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+#: ``--help`` and ``--print_config=comments`` document a dataclass field by the docstring below it (ModelConfig,
+#: SamplingConfig, ...), as docs/reference.md does.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class AlignCLI(LightningCLI):

@@ -28,10 +28,15 @@ class OptimizerConfig:
     """AdamW and its learning-rate schedule."""
 
     lr: float = 1e-4
+    """Peak learning rate (reached after ``warmup_steps``)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's decay rates of the first and second moment estimates."""
     eps: float = 1e-8
+    """AdamW's term added to the denominator for numerical stability."""
     warmup_steps: int = 0
+    """Optimiser steps of linear warm-up from 0 to ``lr``."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Decay after warm-up, over the trainer's total optimiser steps."""
     fused: bool | None = None

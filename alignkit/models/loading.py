@@ -60,7 +60,9 @@ class ModelConfig:
     computing in ``dtype``; ``8bit``: LLM.int8) and train ``lora`` adapters on them. The exported model merges the
     adapters into the base loaded again unquantized."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less activation memory for one more forward pass."""
     trust_remote_code: bool = False
+    """Let transformers run the model's own code from its hub repository or directory (needed by some models)."""
 
 
 def _source(cfg: ModelConfig) -> str:
@@ -177,15 +179,17 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(-1)
 
 
-def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
-                    score_at: Tensor | None = None) -> Tensor:
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | dict[str, Tensor],
+                    position_ids: Tensor | None = None, score_at: Tensor | None = None) -> Tensor:
     """Scalar score of each sequence read at its last real token (never at a pad), (B, T) -> (B,).
 
     Decoder classifiers (``*ForSequenceClassification`` with a ``score`` head) are pooled here from the
     per-token scores, independent of which id the padding uses; other classifiers use their own pooling.
-    For packed rows (:mod:`alignkit.pairs`) pass the 4D ``attention_mask``, the ``position_ids`` and ``score_at``,
-    the ``(B, K)`` columns to read: the result is then ``(B, K)`` (decoder classifiers only). The final decoder layer
-    runs at the scored columns only where the model allows it (:func:`~alignkit.models.final_layer.final_layer_at`).
+    For packed rows (:mod:`alignkit.pairs`) pass the 4D ``attention_mask`` (or the dict of one mask per layer type
+    that :meth:`~alignkit.pairs.SharedPromptPairs.attention_mask_for` gives a model mixing full and sliding-window
+    layers), the ``position_ids`` and ``score_at``, the ``(B, K)`` columns to read: the result is then ``(B, K)``
+    (decoder classifiers only). The final decoder layer runs at the scored columns only where the model allows it
+    (:func:`~alignkit.models.final_layer.final_layer_at`).
     """
     base = unwrap_peft(model)
     head = getattr(base, "score", None)
@@ -197,7 +201,7 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
             extra["use_cache"] = False  # no KV cache to build
         if position_ids is not None:
             extra["position_ids"] = position_ids
-        index = last_token_index(attention_mask) if score_at is None else score_at  # (B,) or (B, K)
+        index = last_token_index(cast(Tensor, attention_mask)) if score_at is None else score_at  # (B,) or (B, K)
         with final_layer_at(backbone, index) as only_read:  # the last layer runs at the scored columns alone
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         if only_read:  # (B, K, H), or (B, 1, H) for a (B,) index

@@ -35,10 +35,15 @@ class TinyModelConfig:
     vocab_size: int = 512
     """Upper bound on the BPE vocabulary (the corpus may need fewer tokens)."""
     hidden_size: int = 64
+    """Width of the residual stream."""
     num_layers: int = 4
+    """Number of transformer blocks."""
     num_heads: int = 4
+    """Attention heads per block (``hidden_size`` must be divisible by it)."""
     intermediate_size: int = 256
+    """Width of the MLP's hidden layer."""
     max_position_embeddings: int = 256
+    """Longest sequence (prompt + response, in tokens) the model accepts."""
     seed: int | None = None
     """Seed of the random initialisation; None: derived from the run's seed (role ``model.policy.tiny.seed``,
     :mod:`alignkit.seeds`). The tokenizer does not depend on it."""
