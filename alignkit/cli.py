@@ -18,9 +18,7 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 
 from alignkit.checkpoint import WRITE_FAILED_EXIT_CODE, AtomicCheckpointIO, LastCheckpoint
 from alignkit.data.modules import AlignData
@@ -29,12 +27,14 @@ from alignkit.fitting import finish_wandb_run, fit, wandb_run_id  # noqa: F401  
 from alignkit.io import atomic_write_text, write_errno
 from alignkit.lock import RunLock, is_launch_rank_zero
 from alignkit.module import AlignModule
+from alignkit.progress import AlignProgressBar
 from alignkit.run import (
     CONFIG_FILE,
     ConfigChangedError,
     NewHyperparameters,
     RunCSVLogger,
     RunDirectory,
+    RunWandbLogger,
     check_fresh,
     check_resume_config,
     default_run_dir,
@@ -196,7 +196,7 @@ class AlignCLI(LightningCLI):
                                                       cfg.get("keep_checkpoints", 2)))
         kwargs["plugins"] = self.checkpoint_plugins(trainer_cfg.get("plugins"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
-            kwargs["callbacks"].append(RichProgressBar(leave=True))
+            kwargs["callbacks"].append(AlignProgressBar(leave=True))
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod
@@ -216,7 +216,7 @@ class AlignCLI(LightningCLI):
             # A resumed run keeps its wandb run id (offline runs then write a second folder under that id).
             # (resume="allow" is also WandbLogger's default: a new run without an id)
             previous = wandb_run_id(run_dir) if self._cfg.get("resume") else None
-            loggers.append(WandbLogger(project="alignkit", save_dir=str(run_dir), offline=True, group=group,
+            loggers.append(RunWandbLogger(project="alignkit", save_dir=str(run_dir), offline=True, group=group,
                                        tags=[algorithm], name=f"{group}/{run_dir.name}", job_type=algorithm,
                                        config=self._cfg.clone().as_dict(), id=previous or None, resume="allow"))
         return loggers

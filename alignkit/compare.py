@@ -28,9 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from alignkit.data.formats import DataError
+from alignkit.errors import DataError
 from alignkit.io import atomic_write_text
-from alignkit.run import default_run_dir, read_metrics
 
 COMPARISON_MD = "comparison.md"
 COMPARISON_JSON = "comparison.json"
@@ -85,6 +84,8 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         FileNotFoundError: the directory holds no ``metrics.json`` (the message names it).
         DataError: ``metrics.json`` is not JSON, or neither a training run's nor an evaluation's summary.
     """
+    from alignkit.run import read_metrics  # Lightning: not for ``alignkit compare --help``
+
     path = Path(path)
     try:
         summary = read_metrics(path)
@@ -376,7 +377,7 @@ def plot_steps(series: list[StepSeries], path: Path) -> None:
                 ax.plot(s.steps, s.values, color=colors[i % len(colors)], marker=".", markersize=4, linewidth=1.4,
                         label=s.label)
         ax.set_title(f"{metric} over training")
-        ax.set_xlabel("step (as logged)")
+        ax.set_xlabel("optimiser step")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(title="run", fontsize=8, title_fontsize=8)
@@ -410,6 +411,8 @@ def compare(runs: list[str], out: str | None = None, names: list[str] | None = N
         raise ValueError(f"{len(names)} names for {len(runs)} runs; give one name per run")
     if names is not None and len(set(names)) != len(names):
         raise ValueError(f"names must be unique, got {names}")
+    from alignkit.run import default_run_dir  # Lightning: not for ``alignkit compare --help``
+
     dest = Path(out) if out else default_run_dir("compare")
     studies = [Path(r) for r in runs if (Path(r) / STUDY_FILE).is_file()]
     for study_dir in studies:  # a study: its report, re-aggregated from its cells

@@ -30,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from alignkit.checkpoint import LAST_NAME, link_atomically, recover_folder, verify_checkpoint
@@ -399,8 +399,26 @@ class DurableCSVWriter(ExperimentWriter):
             fsync_dir(self.path.parent)
 
 
-class RunCSVLogger(CSVLogger):
-    """Lightning's CSVLogger writing through :class:`DurableCSVWriter`."""
+class OptimizerStepAxis:
+    """Logger mixin: every row is logged at the trainer's optimiser step count when it is written
+    (``trainer.global_step``: the updates done so far, what ``max_steps``, the checkpoints' ``step=N`` names,
+    ``completions.jsonl`` and ``gold_eval.jsonl`` count), instead of Lightning's own logging step (the batches that
+    stepped, one per training batch: an online algorithm's batch makes several optimiser steps). So the same update
+    has the same step in ``metrics.csv``, wandb, the completions and ``alignkit compare``: a training row at the step
+    its batch's update(s) reached, a validation row at the step it validated. :class:`RunDirectory` hands the
+    trainer over in ``setup``; until then (or without a trainer) Lightning's step is kept."""
+
+    trainer: L.Trainer | None = None
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if self.trainer is not None:
+            step = self.trainer.global_step
+        super().log_metrics(metrics, step)  # type: ignore[misc]  # the logger class it is mixed into has it
+
+
+class RunCSVLogger(OptimizerStepAxis, CSVLogger):
+    """Lightning's CSVLogger writing through :class:`DurableCSVWriter`, on the optimiser-step axis
+    (:class:`OptimizerStepAxis`)."""
 
     _experiment: DurableCSVWriter | None  # (only the property below sets it)
 
@@ -411,6 +429,11 @@ class RunCSVLogger(CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = DurableCSVWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class RunWandbLogger(OptimizerStepAxis, WandbLogger):
+    """Lightning's WandbLogger on the optimiser-step axis (:class:`OptimizerStepAxis`): wandb's
+    ``trainer/global_step`` is the trainer's ``global_step``, as in ``metrics.csv`` and the completions table."""
 
 
 def _step(row: dict[str, str]) -> int | None:
@@ -428,9 +451,9 @@ class RunDirectory(L.Callback):
     Its state (the first step's metrics, the latest ones and the wall time so far) travels in checkpoints, so a
     resumed run's ``metrics.json`` reads as if the run had never stopped. So does the state of ``metrics.csv``
     (the CSV logger's file in the run directory): when a checkpoint is written, the file is flushed to disk and
-    the checkpoint records how many rows it holds, N, and the logger's step at that moment, S (Lightning's logging
-    step, one per training batch: an online algorithm's batch makes several optimiser steps). The rows that
-    Lightning logs for that batch come after the checkpoint (at step S). A run resumed from the checkpoint keeps
+    the checkpoint records how many rows it holds, N, and the optimiser step at that moment, S (the step axis of
+    every row, :class:`OptimizerStepAxis`). The rows that Lightning logs for that batch come after the checkpoint
+    (at step S). A run resumed from the checkpoint keeps
     the first N rows and the rows right after them at steps up to S, and drops the rest, which the resumed run
     logs again; the file is rewritten atomically, never deleted. (A checkpoint of an earlier alignkit keeps the
     rows at logging steps up to its S.) The ``completions.jsonl`` samples recorded up to the checkpoint's
@@ -445,11 +468,14 @@ class RunDirectory(L.Callback):
         self.earlier_latest: dict[str, float] = {}  # latest metrics at the checkpoint a run resumed from
         self.resumed_step: int | None = None
         self.csv_rows: int | None = None  # rows of metrics.csv when the resumed checkpoint was written
-        self.csv_step: int | None = None  # the logging step then
+        self.csv_step: int | None = None  # the optimiser step then (an earlier alignkit's: Lightning's logging step)
         self.trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.trainer = trainer
+        for logger in trainer.loggers:
+            if isinstance(logger, OptimizerStepAxis):
+                logger.trainer = trainer
 
     def csv_writer(self, trainer: L.Trainer) -> DurableCSVWriter | CSVLogger | None:
         """The writer (or, for a plain CSVLogger, the logger) of ``<run_dir>/metrics.csv`` (rank 0 only)."""
@@ -464,7 +490,7 @@ class RunDirectory(L.Callback):
         state: dict[str, Any] = {"first": self.first, "latest": latest,
                                  "wall_time_s": self.earlier_wall_time + time.perf_counter() - self.started}
         if trainer is not None and trainer.is_global_zero:
-            state["csv_step"] = trainer.fit_loop.epoch_loop._batches_that_stepped
+            state["csv_step"] = trainer.global_step  # the step of the rows logged next (OptimizerStepAxis)
             writer = self.csv_writer(trainer)
             if isinstance(writer, DurableCSVWriter):
                 writer.save()
@@ -478,6 +504,7 @@ class RunDirectory(L.Callback):
         self.earlier_wall_time = float(state_dict.get("wall_time_s", 0.0))
         self.csv_rows = state_dict.get("csv_rows")
         if state_dict.get("csv_step") is not None:
+            # (a checkpoint of an earlier alignkit counted Lightning's logging steps: its rows are kept by that count)
             self.csv_step = int(state_dict["csv_step"])
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -202,3 +202,16 @@ def test_best_of_n_curve_on_the_tiny_model(sft_run):
     assert curve[1] == pytest.approx(sum(gold[::4]) / len(prompts))  # n = 1: the mean gold of the first samples
     assert curve[4] == pytest.approx(sum(best_of_n_pick(proxy, gold, 4)) / len(prompts))
     assert len(set(responses)) > len(prompts)  # the samples of a prompt differ: the picks mean something
+
+
+def test_one_step_axis_in_metrics_csv_completions_gold_eval_and_checkpoints(ppo_runs):
+    """#21: the same update has the same step everywhere. PPO makes 2 optimiser steps a batch: metrics.csv's training
+    rows used to count batches (0, 1, 2, 3) while completions.jsonl and gold_eval.jsonl counted updates (2, 4, ...)."""
+    run = ppo_runs["with"]
+    train_steps = [int(r["step"]) for r in csv_rows(run) if r.get("train/loss")]
+    assert train_steps == [2, 4, 6, 8]
+    with (run / "completions.jsonl").open() as f:
+        completion_steps = sorted({json.loads(line)["step"] for line in f})
+    assert completion_steps == train_steps
+    assert {r["step"] for r in read_trajectory(run)} - {0} <= set(train_steps)
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == train_steps[-1]

@@ -99,9 +99,10 @@ def step_files(run_dir: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------- 1, 2: metrics.csv
 
 def test_crashed_ppo_run_keeps_metrics_rows_in_logger_steps_and_never_loses_them(inputs, tmp_path, monkeypatch):  # noqa: F811
-    """PPO logs one metrics.csv row per batch of 2 optimiser steps. Checkpoint at step 6 (batch 2), crash at step 10
-    (rows of batches 0-3 written): the resumed file must drop batch 3's row (it comparing rows with optimiser steps
-    kept it, and step 3 was logged twice). The first resume crashes right after start-up; the second must still
+    """PPO logs one metrics.csv row per batch of 2 optimiser steps, at the step its updates reached (2, 4, ...).
+    Checkpoint at step 6 (batch 2), crash at step 10 (rows at steps 2-8 written): the resumed file must drop the
+    step-8 row, which the resumed run logs again (comparing Lightning's batch steps with optimiser steps once kept
+    it, and logged it twice). The first resume crashes right after start-up; the second must still
     find every row (Lightning's CSV logger deleted the file at start-up and held the old rows in memory only)."""
     monkeypatch.chdir(ROOT)
     args = [*CASES["ppo"][0](inputs), *COMMON, "--checkpoint_every=6"]
@@ -111,10 +112,10 @@ def test_crashed_ppo_run_keeps_metrics_rows_in_logger_steps_and_never_loses_them
                                  ("CrashAtStart", {"marker": str(tmp_path / "c2")})), "--run_dir", run]
     with pytest.raises(RuntimeError, match="at step 10"):
         run_cli(["fit", *crashing])
-    assert [r["step"] for r in csv_rows(run)] == ["0", "1", "2", "3"]
+    assert [r["step"] for r in csv_rows(run)] == ["2", "4", "6", "8"]
     with pytest.raises(RuntimeError, match="at start"):
         run_cli(["fit", *crashing, "--resume", "true"])
-    assert [r["step"] for r in csv_rows(run)] == ["0", "1", "2"]  # what the step-6 checkpoint accounts for
+    assert [r["step"] for r in csv_rows(run)] == ["2", "4", "6"]  # what the step-6 checkpoint accounts for
     run_cli(["fit", *crashing, "--resume", "true"])
     assert_same_run(tmp_path / "reference", run)
 
@@ -205,7 +206,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_damages_nothing(tmp_path, mon
     assert "nothing written before was damaged" in error
     assert [p.name for p in (run / "checkpoints").iterdir()] == []  # the temporary file is gone
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 6
-    assert [r["step"] for r in csv_rows(run)] == ["0"]
+    assert [r["step"] for r in csv_rows(run)] == ["1"]
 
 
 def test_write_failures_name_the_file_and_keep_the_old_one(tmp_path, monkeypatch):
@@ -297,8 +298,9 @@ def test_resume_refuses_a_changed_configuration_unless_told_and_then_applies_it(
     run_cli(["fit", *base, "--model.optimizer.lr=1e-2", "--run_dir", tmp_path / "at_new_lr"])
     lr = {d: {r["step"]: r["train/lr"] for r in csv_rows(d) if r.get("train/lr")}
           for d in (run, tmp_path / "at_new_lr")}
-    assert lr[run]["2"] == lr[tmp_path / "at_new_lr"]["2"] and lr[run]["3"] == lr[tmp_path / "at_new_lr"]["3"]
-    assert float(lr[run]["1"]) == pytest.approx(float(lr[tmp_path / "at_new_lr"]["1"]) * 0.3)
+    # (a row's step is the update its batch made: rows 3 and 4 were trained after the resume from step 2)
+    assert lr[run]["3"] == lr[tmp_path / "at_new_lr"]["3"] and lr[run]["4"] == lr[tmp_path / "at_new_lr"]["4"]
+    assert float(lr[run]["2"]) == pytest.approx(float(lr[tmp_path / "at_new_lr"]["2"]) * 0.3)
 
 
 # ---------------------------------------------------------------------------------------------- 7: signals
