@@ -15,7 +15,8 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import set_parsing_settings
+import yaml
+from jsonargparse import get_loader, set_loader, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -260,6 +261,41 @@ def resolve_plugin_names(argv: list[str]) -> list[str]:
             arg = f"{key}={path}" if equals else path
         out.append(arg)
     return out
+
+
+def resolve_config_names(value: Any, path: tuple[str, ...] = ()) -> Any:
+    """A loaded YAML config (a recipe, a ``--config`` file) with plugin names as ``alignkit plugins`` prints them
+    replaced by class paths, as :func:`resolve_plugin_names` does on the command line: the value of a
+    :data:`NAMED_OPTIONS` key (``model: {algorithm: dpo}``, ``rewards: [gold_reward]``, ``task: sentiment``) and any
+    ``class_path`` without a dot (``class_path: dpo``, its ``init_args`` kept). Anything else is left as it is."""
+    from alignkit.manager import class_path_of
+
+    if isinstance(value, list):
+        return [resolve_config_names(item, path) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        where = (*path, str(key))
+        if key == "class_path" and isinstance(item, str) and "." not in item:
+            out[key] = class_path_of(item) or item
+        elif ".".join(where) in NAMED_OPTIONS and isinstance(item, str):
+            out[key] = class_path_of(item) or item
+        elif ".".join(where) in NAMED_OPTIONS and isinstance(item, list):
+            out[key] = [{"class_path": class_path_of(x)} if isinstance(x, str) and class_path_of(x) else
+                        resolve_config_names(x, where) for x in item]
+        else:
+            out[key] = resolve_config_names(item, where)
+    return out
+
+
+def _load_yaml_with_plugin_names(text: str) -> Any:
+    return resolve_config_names(_load_yaml(text))
+
+
+#: Config files and values are read by jsonargparse's YAML loader, followed by :func:`resolve_config_names`.
+_load_yaml = get_loader("yaml")
+set_loader("yaml", _load_yaml_with_plugin_names, exceptions=(yaml.YAMLError,))
 
 
 def fill_tiny_data(cfg: Any) -> None:
