@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignkit.models.attention import attention_windows
 from alignkit.ops import unwrap_peft
 from alignkit.types import PreferenceBatch, TensorRecord
 
@@ -43,9 +44,12 @@ class SharedPromptPairs(TensorRecord):
     chosen_end: Tensor  # (B,) column of the last chosen token (the last prompt token's if the response is empty)
     rejected_end: Tensor  # (B,) column of the last rejected token (likewise)
 
-    def attention_mask(self, implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> Tensor:
+    def attention_mask(self, implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                       window: int | None = None) -> Tensor:
         """The ``(B, 1, S, S)`` mask drawn in the module docstring, in the form the attention implementation
-        reads: boolean (True = attend) for ``sdpa``, additive (0 or the dtype's minimum) for ``eager``."""
+        reads: boolean (True = attend) for ``sdpa``, additive (0 or the dtype's minimum) for ``eager``. With a
+        sliding ``window``, a query also sees only the keys less than ``window`` positions before its own, as in
+        the concatenated layout (:func:`~alignkit.models.attention.attention_windows`)."""
         if implementation not in MASK_IMPLEMENTATIONS:
             raise ValueError(f"shared_prompt needs a model with sdpa or eager attention (4D masks), "
                              f"got attn_implementation={implementation!r}")
@@ -53,6 +57,8 @@ class SharedPromptPairs(TensorRecord):
         causal = torch.ones(S, S, dtype=torch.bool, device=self.segment.device).tril()  # (S, S)
         query, key = self.segment[:, :, None], self.segment[:, None, :]  # (B, S, 1), (B, 1, S)
         allowed = causal & (key != PAD) & ~((query == REJECTED) & (key == CHOSEN))  # (B, S, S)
+        if window is not None:  # positions, not columns: the rejected response's restart after the prompt
+            allowed &= (self.position_ids[:, :, None] - self.position_ids[:, None, :]) < window
         allowed |= torch.eye(S, dtype=torch.bool, device=allowed.device)  # padding rows attend to themselves
         allowed = allowed[:, None]
         if implementation == "sdpa":
@@ -60,9 +66,14 @@ class SharedPromptPairs(TensorRecord):
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return additive.masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def attention_mask_for(self, model: torch.nn.Module) -> Tensor:
-        """:meth:`attention_mask` in the form ``model``'s attention implementation and parameter dtype need."""
-        return self.attention_mask(attention_implementation(model), next(model.parameters()).dtype)
+    def attention_mask_for(self, model: torch.nn.Module) -> Tensor | dict[str, Tensor]:
+        """:meth:`attention_mask` in the form ``model``'s attention implementation and parameter dtype need, with the
+        window of its sliding-window layers: one mask, or one per layer type for a model that mixes full and
+        sliding-window layers (Gemma 2 and 3), keyed as its decoder reads them."""
+        implementation, dtype = attention_implementation(model), next(model.parameters()).dtype
+        masks = {kind: self.attention_mask(implementation, dtype, window)
+                 for kind, window in attention_windows(model).items()}
+        return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
 def share_prompts(batch: PreferenceBatch) -> SharedPromptPairs:
@@ -111,6 +122,11 @@ def check_shared_prompt(model: torch.nn.Module, algorithm: str, needs_score_head
     if implementation not in MASK_IMPLEMENTATIONS:
         raise PluginError(f"{algorithm}: shared_prompt needs sdpa or eager attention (4D masks), the model uses "
                           f"{implementation!r}; set shared_prompt=false")
+    try:
+        attention_windows(model)
+    except ValueError as exc:
+        raise PluginError(f"{algorithm}: shared_prompt needs attention layers: {exc}; "
+                          f"set shared_prompt=false") from None
     base = unwrap_peft(model)
     if needs_score_head and not isinstance(getattr(base, "score", None), torch.nn.Module):
         raise PluginError(f"{algorithm}: shared_prompt needs a decoder classifier with a per-token score head, "

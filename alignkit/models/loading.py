@@ -166,6 +166,9 @@ def context_length(model: nn.Module) -> int | None:
     """The longest sequence ``model`` takes (its config's ``max_position_embeddings`` or the family's equivalent);
     None when its config names none."""
     config = getattr(unwrap_peft(model), "config", None)
+    text_config = getattr(config, "get_text_config", None)
+    if callable(text_config):  # a multimodal model's text decoder (Gemma 3's) has its own config inside
+        config = text_config()
     for name in CONTEXT_ATTRIBUTES:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:

@@ -205,7 +205,7 @@ class PPO(OnlineAlgorithm):
     @hookimpl
     def alignkit_configure(self, module) -> None:
         self.seed = resolve_seed(self.seed, ALGORITHM)
-        self.value_head = ValueHead(module.policy.config.hidden_size)
+        self.value_head = ValueHead(module.policy.config.get_text_config().hidden_size)  # Gemma 3 nests it
         if self.critic_kind == "separate":
             self.critic = copy.deepcopy(module.policy)
 
