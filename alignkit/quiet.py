@@ -22,7 +22,6 @@ LOG_NOISE = (
 WARNING_NOISE = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's pytree use under torch >= 2.9
     r".*past_key_values.*",  # transformers' cache-format FutureWarning
-    r".*The anonymous setting has no effect.*",  # wandb, about an argument Lightning passes
 )
 
 

@@ -433,7 +433,45 @@ class RunCSVLogger(OptimizerStepAxis, CSVLogger):
 
 class RunWandbLogger(OptimizerStepAxis, WandbLogger):
     """Lightning's WandbLogger on the optimiser-step axis (:class:`OptimizerStepAxis`): wandb's
-    ``trainer/global_step`` is the trainer's ``global_step``, as in ``metrics.csv`` and the completions table."""
+    ``trainer/global_step`` is the trainer's ``global_step``, as in ``metrics.csv`` and the completions table.
+    It does not hand wandb Lightning's ``anonymous`` argument, which wandb has deprecated: any value, even None,
+    printed "The anonymous setting has no effect" (through wandb's own terminal, which no warnings filter sees).
+
+    A run that fails before it logs anything (bad data, a model that does not load, a reference pass that fails)
+    leaves no wandb run behind: the wandb run starts at the first logged metrics, and the hyperparameters logged
+    before are held until then. (Lightning creates every logger's experiment at set-up when ``hasattr(logger,
+    "experiment")`` says it can; until the first metrics it says it cannot.)"""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)
+        self._started = False
+        self._held_hyperparams: list[Any] = []
+
+    @property
+    def experiment(self) -> Any:
+        if not self._started:
+            raise AttributeError("the wandb run starts at the first logged metrics")
+        return super().experiment
+
+    def start(self) -> None:
+        """Start the wandb run (once) and log the hyperparameters held until now."""
+        if self._started:
+            return
+        self._started = True
+        for params in self._held_hyperparams:
+            super().log_hyperparams(params)
+        self._held_hyperparams.clear()
+
+    def log_hyperparams(self, params: Any) -> None:
+        if self._started:
+            super().log_hyperparams(params)
+        else:
+            self._held_hyperparams.append(params)
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        self.start()
+        super().log_metrics(metrics, step)
 
 
 def _step(row: dict[str, str]) -> int | None:
@@ -546,6 +584,9 @@ class RunDirectory(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.first:
             self.first = scalars(trainer.callback_metrics)
+        for logger in trainer.loggers:  # a step is done: the run is worth a wandb run (started once)
+            if isinstance(logger, RunWandbLogger):
+                logger.start()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:

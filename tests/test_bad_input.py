@@ -183,3 +183,27 @@ def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(capsys, tmp_pat
     assert "ConfigError: model.quantization='4bit' needs bitsandbytes" in line
     assert "pip install 'alignkit[qlora]'" in line
     assert not (run_dir / "model").exists()
+
+
+def test_a_run_failing_before_its_first_step_leaves_no_wandb_run(capsys, tmp_path, tiny_overrides):
+    """Lightning creates every logger's experiment at set-up, before the data loads: a bad data file left an empty
+    wandb run behind (#21 item 9)."""
+    run_dir = tmp_path / "run"
+    path = write_jsonl(tmp_path / "wrong_columns.jsonl", [{"question": "review : the tea", "answer": "nice tea"}])
+    with_wandb = [arg for arg in tiny_overrides if not arg.startswith("--wandb")]
+    alignkit_error(fail(capsys, [*fit_args(with_wandb, run_dir, f"--data.init_args.path={path}"), "--wandb=true"]))
+    assert not (run_dir / "wandb").exists()
+
+
+def test_the_wandb_run_starts_with_the_first_step_and_holds_the_hyperparameters_until_then(tmp_path):
+    from alignkit.run import RunWandbLogger
+
+    logger = RunWandbLogger(project="alignkit", save_dir=str(tmp_path), offline=True)
+    assert not hasattr(logger, "experiment")  # so Lightning's set-up does not create it
+    logger.log_hyperparams({"lr": 0.1})
+    assert not (tmp_path / "wandb").exists() and logger._experiment is None
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    try:
+        assert logger.experiment.config["lr"] == 0.1 and (tmp_path / "wandb").is_dir()
+    finally:
+        logger.experiment.finish()

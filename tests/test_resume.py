@@ -327,10 +327,11 @@ def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
     command = [sys.executable, "-m", "alignkit.cli", "fit", *map(str, args), "--trainer.max_steps=4",
                "--resume", "true", "--resume_with_changes", "true"]  # a longer run: a change of configuration
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own wandb service, as a new run has
-    subprocess.run(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}, check=True,
-                   stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"},
+                          check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     folders = sorted((tmp_path / "run" / "wandb").glob("*-run-*"))
     assert len(folders) == 2 and {folder.name.rsplit("-", 1)[1] for folder in folders} == {first}
+    assert "anonymous" not in done.stderr  # wandb's deprecation of an argument Lightning passed it (#21 item 8)
 
 
 def test_folder_checkpoints_are_swapped_in_whole(tmp_path):
