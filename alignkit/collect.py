@@ -12,7 +12,6 @@ import torch
 from alignkit.io import atomic_write_json, write_jsonl
 from alignkit.models.loading import ModelConfig, load_model
 from alignkit.rollout import SamplingConfig, sample_texts
-from alignkit.run import METRICS_FILE, check_fresh, default_run_dir
 from alignkit.seeds import ANNOTATOR, derive_seed
 from alignkit.task import PreferencePair, SimulatedAnnotator, Task, preference_records
 
@@ -63,6 +62,8 @@ def collect(policy: str, task: Task, annotator: SimulatedAnnotator = SimulatedAn
             metrics.json.
         run_dir: output folder (default: runs/collect/<timestamp>); gets preferences.jsonl and metrics.json.
     """
+    from alignkit.run import METRICS_FILE, check_fresh, default_run_dir  # Lightning: not for ``collect --help``
+
     out = Path(run_dir) if run_dir else default_run_dir("collect")
     check_fresh(out)
     model, tokenizer = load_model(ModelConfig(name_or_path=policy), "causal_lm")

@@ -12,21 +12,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.errors import ConfigError, DataError, NonFiniteError, PluginError, RunExistsError
-from alignkit.seeds import derive_seed
 
 USER_ERRORS = (ConfigError, DataError, PluginError, RunExistsError, FileNotFoundError, NonFiniteError, OSError)
 
 
-def plugins(kind: Literal["all", "algorithm", "reward", "task", "command", "other", "broken"] = "all") -> None:
+def plugins(kind: Literal["all", "algorithm", "reward", "task", "command", "other", "broken"] = "all",
+            check: bool = False) -> None:
     """List the plugins: the ``alignkit`` entry-point group (algorithms, rewards, tasks) and the commands that
     plugins add through ``alignkit.commands`` (kind ``command``, e.g. Constitutional AI's ``cai-*``).
 
     Args:
         kind: show only plugins of this kind.
+        check: import every plugin (seconds: torch) and list one that fails to import as ``broken``. Without it the
+            kinds and hooks are read from the sources (:mod:`alignkit.discovery`), which finds a plugin whose module
+            or dependency is missing but not one that raises while it is imported.
     """
-    from alignkit.manager import discover, discover_commands
+    from alignkit.discovery import discover, discover_commands
 
-    rows = [p for p in [*discover(), *discover_commands(COMMAND_GROUP)] if kind in ("all", p.kind)]
+    rows = [p for p in [*discover(load=check), *discover_commands(COMMAND_GROUP)] if kind in ("all", p.kind)]
     table = [("name", "kind", "distribution", "target", "hooks")] + [
         (p.name, p.kind, f"{p.distribution} {p.version}", p.target,
          ", ".join(h.removeprefix("alignkit_") for h in p.hooks) or "-") for p in rows]
@@ -68,6 +71,8 @@ def stage_seed_args(stage: Stage, seed: int, commands: Mapping[str, Callable[...
     seeds derive from that, :mod:`alignkit.seeds`; two stages of one recipe, e.g. the members of a reward ensemble,
     thus train differently), ``--seed=derive_seed(seed, <stage name>)`` for a command with a ``seed`` option, none
     for a command without one or whose seed is a yardstick (:data:`FIXED_SEED_COMMANDS`, ``fixed_seed``)."""
+    from alignkit.seeds import derive_seed  # numpy: not for ``alignkit --help``
+
     if stage.command == "fit":
         return [f"--seed_everything={derive_seed(seed, stage.name)}"]
     function = commands[stage.command]
@@ -180,8 +185,10 @@ def last_command() -> list[str]:
 
 def run(name: str, argv: list[str]) -> object:
     """Parse ``argv`` for command ``name`` (``--config FILE`` allowed) and call it."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    # as alignkit.cli sets it for fit: a dataclass option's fields are documented by the docstrings below them
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     _LAST_COMMAND[:] = [name, *argv]
     function = load(name)
     summary = (function.__doc__ or "").split("\n\n")[0]  # the Args section becomes the options' help

@@ -2,8 +2,10 @@
 
 Discovery: every entry point in the group names a class (an algorithm, a reward or a task). Built-in
 plugins are declared in alignkit's own ``pyproject.toml`` exactly like a third-party package declares
-its own. Selection is by ``class_path`` in the recipe; only the selected instances are registered with
-a run's manager, so competing implementations never race. Built-in defaults are registered ``trylast``.
+its own. Listing them (:func:`discover`, ``alignkit plugins``) lives in :mod:`alignkit.discovery`, which
+reads the sources instead of importing torch. Selection is by ``class_path`` in the recipe; only the
+selected instances are registered with a run's manager, so competing implementations never race. Built-in
+defaults are registered ``trylast``.
 """
 
 from __future__ import annotations
@@ -11,30 +13,18 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
 
 from alignkit import hookspecs
+from alignkit.discovery import PluginInfo, discover, discover_commands  # noqa: F401  (listing: alignkit.discovery)
 from alignkit.errors import PluginError
 from alignkit.plugin import Algorithm, Reward, RewardOutput
 from alignkit.types import LossOutput, Rollout
 
 GROUP = "alignkit"
-
-
-@dataclass(frozen=True)
-class PluginInfo:
-    """One entry point of the ``alignkit`` group, as listed by ``alignkit plugins``."""
-
-    name: str
-    kind: str  # algorithm | reward | task | command | other | broken
-    target: str  # "module:Class"
-    distribution: str
-    version: str
-    hooks: tuple[str, ...]
 
 
 def plugin_kind(obj: Any) -> str:
@@ -53,33 +43,6 @@ def implemented_hooks(obj: Any) -> tuple[str, ...]:
         name for name in dir(obj)
         if name.startswith("alignkit_") and hasattr(getattr(obj, name, None), "alignkit_impl")
     )
-
-
-def discover() -> list[PluginInfo]:
-    """Load every entry point of the ``alignkit`` group. One that fails to import is listed with kind
-    ``broken`` and its error in place of the hooks."""
-    infos = []
-    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-        dist = ep.dist
-        try:
-            obj = ep.load()
-            kind, hooks = plugin_kind(obj), implemented_hooks(obj)
-        except Exception as exc:  # one broken outside package must not hide the others: list it as broken
-            kind, hooks = "broken", (f"{type(exc).__name__}: {exc}",)
-        infos.append(PluginInfo(name=ep.name, kind=kind, target=ep.value, distribution=dist.name if dist else "?",
-                                version=dist.version if dist else "?", hooks=hooks))
-    return infos
-
-
-def discover_commands(group: str) -> list[PluginInfo]:
-    """The commands plugins add to the CLI (entry points of ``group``), kind ``command``, listed without importing
-    them (``alignkit <name> --help`` loads one)."""
-    infos = []
-    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-        dist = ep.dist
-        infos.append(PluginInfo(name=ep.name, kind="command", target=ep.value, distribution=dist.name if dist else "?",
-                                version=dist.version if dist else "?", hooks=()))
-    return infos
 
 
 def class_path_of(name: str) -> str | None:

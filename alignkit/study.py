@@ -42,9 +42,8 @@ from typing import Any, Literal, cast
 import yaml
 
 from alignkit.commands import Stage, substitute
-from alignkit.data.formats import DataError
+from alignkit.errors import DataError
 from alignkit.io import atomic_write_json
-from alignkit.run import METRICS_FILE, default_run_dir
 
 CELL_FILE = "cell.json"
 LOG_FILE = "log.txt"
@@ -201,6 +200,7 @@ def _point(step: int, kl: float, gold: float, proxy: float | None, win_rate: flo
 def _fit_method(spec: CellSpec, outputs: dict[str, Path], out: Path) -> dict[str, Any]:
     from alignkit.fitting import fit
     from alignkit.gold_eval import read_trajectory
+    from alignkit.run import METRICS_FILE
 
     method = spec.method
     if not (out / METRICS_FILE).is_file():
@@ -507,6 +507,8 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
         if unknown or (claim.kind == "greater" and claim.b is None):
             raise DataError(f"study: claim {claim.name!r} names unknown methods {unknown} (known: {names})" if unknown
                             else f"study: claim {claim.name!r} of kind 'greater' needs b")
+    from alignkit.run import METRICS_FILE, default_run_dir  # Lightning: not for ``alignkit study --help``
+
     root = Path(run_dir) if run_dir else default_run_dir("study")
     root.mkdir(parents=True, exist_ok=True)
     name = name or "study"

@@ -150,3 +150,219 @@ def test_a_pipelines_stages_share_one_wandb_group(tmp_path, monkeypatch):
     root = Path(first[first.index("--run_dir") + 1]).parent
     assert root.parent == Path("runs") / "mypipe" and group == f"--experiment=mypipe/{root.name}"
     assert [a for a in second if a.startswith("--experiment")] == ["--experiment=mine"]
+
+
+# ------------------------------------------------------------------ alignkit plugins from the sources, no torch
+
+
+def test_plugins_lists_the_same_from_the_sources_as_by_importing():
+    """``alignkit plugins`` reads kinds and hooks with ast; importing every plugin gives the same rows."""
+    from alignkit.discovery import describe_source, discover
+
+    by_source, by_import = discover(load=False), discover(load=True)
+    assert by_source == by_import
+    assert {p.kind for p in by_source} >= {"algorithm", "reward", "task", "other"}
+    for info in by_source:  # every installed plugin answered from its source, none by the fallback import
+        if info.distribution == "alignkit":
+            assert describe_source(info.target) == (info.kind, info.hooks)
+
+
+def test_plugins_listing_imports_neither_torch_nor_lightning():
+    code = ("import sys; from alignkit.help import main; main(['plugins']); "
+            "heavy = [m for m in ('torch', 'lightning', 'transformers') if m in sys.modules]; assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "alignkit_plugins.ppo:PPO" in out
+
+
+SOURCES = {
+    "base.py": '''
+from alignkit import Algorithm, hookimpl
+import alignkit
+
+
+class Mixin:
+    @hookimpl
+    def alignkit_metrics(self, **kw):
+        return {}
+
+
+class Base(alignkit.OnlineAlgorithm):
+    @hookimpl(tryfirst=True)
+    def alignkit_loss(self, **kw):
+        pass
+
+    @hookimpl
+    def alignkit_configure(self, **kw):
+        pass
+''',
+    "algos.py": '''
+import functools
+
+from alignkit.plugin import Reward as R
+from plain_pkg.base import Base, Mixin
+
+
+class Plain(Mixin, Base):
+    def alignkit_configure(self, **kw):  # overrides the hook without the marker: no longer a hook
+        pass
+
+
+class Scorer(R):
+    def score(self, prompts, responses, rollout):
+        pass
+
+
+class Other:
+    pass
+
+
+class Wrapped(Base):
+    @functools.lru_cache
+    def alignkit_experience(self, **kw):
+        pass
+''',
+    "missing.py": "import no_such_dependency_xyz\nfrom plain_pkg.base import Base\n\n\nclass Broken(Base):\n    pass\n",
+}
+
+
+@pytest.fixture
+def plain_pkg(tmp_path, monkeypatch):
+    from alignkit.discovery import forget
+
+    package = tmp_path / "plain_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, text in SOURCES.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forget()
+    yield "plain_pkg"
+    forget()
+    for name in [m for m in sys.modules if m.startswith("plain_pkg")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize(("target", "answered"), [
+    ("plain_pkg.algos:Plain", True), ("plain_pkg.algos:Scorer", True), ("plain_pkg.algos:Other", True),
+    ("plain_pkg.algos:Wrapped", False), ("plain_pkg.missing:Broken", False), ("plain_pkg.algos:Nope", False),
+])
+def test_a_plugin_is_read_from_its_source_or_else_imported(plain_pkg, target, answered):
+    """Inherited and overridden hooks, aliased bases and alignkit's lazy names are read from the source; what the
+    source cannot settle (another decorator, a missing dependency, a missing name) is imported instead, and the
+    answer is the import's either way."""
+    import importlib
+
+    from alignkit.discovery import Unanswered, describe, describe_loaded, describe_source
+
+    module, _, name = target.partition(":")
+
+    def load():
+        return getattr(importlib.import_module(module), name)
+
+    expected = describe_loaded(load)
+    assert describe(target, load) == expected
+    if answered:
+        assert describe_source(target) == expected
+    else:
+        with pytest.raises(Unanswered):
+            describe_source(target)
+    if target.endswith(":Plain"):
+        assert expected == ("algorithm", ("alignkit_loss", "alignkit_metrics"))
+    if target.endswith(":Broken"):
+        assert expected[0] == "broken" and "no_such_dependency_xyz" in expected[1][0]
+
+
+# ------------------------------------------------------------------------------------------------ the help cache
+
+HELLO = '''
+def hello(name: str = "world") -> None:
+    """{summary}
+
+    Args:
+        name: who is greeted.
+    """
+'''
+
+
+@pytest.fixture
+def hello_command(tmp_path, monkeypatch):
+    """A command ``hello`` of a plugin package (``hello_pkg``, distribution ``hello-pkg 1.0``) in ``tmp_path``, and an
+    empty help cache there."""
+    package = tmp_path / "site" / "hello_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "cmd.py").write_text(HELLO.format(summary="Say hello."))
+    dist = tmp_path / "site" / "hello_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hello-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[alignkit.commands]\nhello = hello_pkg.cmd:hello\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("ALIGNKIT_NO_HELP_CACHE", raising=False)
+    yield package
+    sys.modules.pop("hello_pkg.cmd", None)
+    sys.modules.pop("hello_pkg", None)
+
+
+def run_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_cached_and_the_cache_follows_the_sources(hello_command, monkeypatch, capsys):
+    import os
+
+    import alignkit.help as help_module
+    from alignkit.help import cache_dir
+
+    first = run_help(["hello", "--help"], capsys)
+    assert "usage: alignkit hello" in first and "Say hello" in first and "who is greeted" in first
+    (cached,) = cache_dir().glob("*.json")
+
+    built = []
+    render = help_module.render_help
+    monkeypatch.setattr(help_module, "render_help", lambda *a: built.append(a) or render(*a))
+    assert run_help(["hello", "--help"], capsys) == first and built == []  # the second time: from the cache
+
+    # a changed source file (new text, new time) is a new key: rebuilt, never the stale text
+    (hello_command / "cmd.py").write_text(HELLO.format(summary="Say goodbye."))
+    os.utime(hello_command / "cmd.py", ns=(cached.stat().st_mtime_ns + 10**9,) * 2)
+    sys.modules.pop("hello_pkg.cmd", None)
+    second = run_help(["hello", "--help"], capsys)
+    assert "Say goodbye" in second and len(built) == 1
+    assert run_help(["hello", "--help"], capsys) == second and len(built) == 1
+
+    # another version of an installed distribution, another terminal width, -h: each its own text
+    dist = hello_command.parent / "hello_pkg-1.0.dist-info"
+    dist.rename(dist.with_name("hello_pkg-1.1.dist-info"))
+    run_help(["hello", "--help"], capsys)
+    monkeypatch.setenv("COLUMNS", "61")
+    narrow = run_help(["hello", "--help"], capsys)
+    assert max(len(line) for line in narrow.splitlines()) <= 61
+    run_help(["hello", "-h"], capsys)
+    assert len(built) == 4 and len(list(cache_dir().glob("*.json"))) == 5
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "wrong text", "list"])
+def test_a_damaged_help_cache_file_is_ignored_and_rewritten(hello_command, capsys, damage):
+    import json
+
+    from alignkit.help import cache_dir
+
+    first = run_help(["hello", "--help"], capsys)
+    (cached,) = cache_dir().glob("*.json")
+    record = json.loads(cached.read_text())
+    cached.write_text({"garbage": '{"format": 1, "te\x00', "empty": "", "list": "[1, 2]",
+                       "wrong text": json.dumps({**record, "text": "usage: stale\n"})}[damage])
+    assert run_help(["hello", "--help"], capsys) == first
+    assert json.loads(cached.read_text())["text"] == first  # rewritten
+
+
+def test_the_help_cache_can_be_turned_off(hello_command, monkeypatch, capsys):
+    from alignkit.help import cache_dir
+
+    monkeypatch.setenv("ALIGNKIT_NO_HELP_CACHE", "1")
+    assert "Say hello" in run_help(["hello", "--help"], capsys)
+    assert not cache_dir().exists()
