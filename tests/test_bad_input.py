@@ -93,7 +93,7 @@ def test_empty_prompt_or_response(capsys, tmp_path, tiny_overrides, column):
     rows[1][column] = "   "
     path = write_jsonl(tmp_path / "empty.jsonl", rows)
     line = alignkit_error(fail(capsys, fit_args(tiny_overrides, run_dir, f"--data.init_args.path={path}")))
-    assert f"{path} row 1" in line and repr(column) in line
+    assert f"{path} row 2" in line and repr(column) in line
     assert not (run_dir / "model").exists()
 
 
@@ -103,7 +103,7 @@ def test_empty_preference_answer(capsys, tmp_path, tiny_overrides):
     args = ["fit", "--config", RM_RECIPE, *tiny_overrides,
             "--model.policy.name_or_path=tiny", f"--data.init_args.path={path}", "--run_dir", run_dir]
     line = alignkit_error(fail(capsys, args))
-    assert f"{path} row 0" in line and "'chosen'" in line
+    assert f"{path} row 1" in line and "'chosen'" in line
     assert not (run_dir / "model").exists()
 
 
@@ -116,7 +116,7 @@ def test_too_long_with_truncation_error(capsys, tmp_path, tiny_overrides):
     line = alignkit_error(fail(capsys, fit_args(tiny_overrides, run_dir, f"--data.init_args.path={path}",
                                                 "--data.init_args.truncation=error",
                                                 "--data.init_args.max_prompt_length=8")))
-    assert f"{path} row 1" in line and "max_prompt_length=8" in line and "truncation: error" in line
+    assert f"{path} row 2" in line and "max_prompt_length=8" in line and "truncation: error" in line
     assert not (run_dir / "model").exists()
 
 

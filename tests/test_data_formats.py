@@ -273,7 +273,7 @@ def test_preference_implicit_identical_pair_is_flagged(tmp_path):
     # One answer the other's prefix is still an error naming the row.
     rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant: ok then"}]
     path = write_jsonl(tmp_path / "prefix.jsonl", rows)
-    with pytest.raises(DataError, match="row 0"):
+    with pytest.raises(DataError, match="row 1"):
         preference_records(load_rows(str(path)), "auto", str(path))
 
 
@@ -439,7 +439,7 @@ def test_drop_leaves_long_examples_out(tmp_path, tiny_tokenizer):
 
 def test_error_names_the_row(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "long.jsonl", LONG_ROWS)
-    with pytest.raises(DataError, match=r"long\.jsonl row 1") as info:
+    with pytest.raises(DataError, match=r"long\.jsonl row 2") as info:
         make(SFTData, tiny_tokenizer, path=str(path), max_prompt_length=5, max_length=9, truncation="error")
     assert "\n" not in str(info.value)
 

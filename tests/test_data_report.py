@@ -95,7 +95,7 @@ def test_drop_reasons_are_counted(tmp_path, words):
 
 def test_truncation_error_still_fails_fast(tmp_path, words):
     path = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
-    with pytest.raises(DataError, match=r"sft\.jsonl row 1: prompt of 6 \+ response of 2 tokens"):
+    with pytest.raises(DataError, match=r"sft\.jsonl row 2: prompt of 6 \+ response of 2 tokens"):
         make(SFTData, words, path=str(path), max_prompt_length=4, max_length=7, truncation="error")
 
 
@@ -120,10 +120,10 @@ def test_identical_pairs_are_dropped_and_counted(tmp_path, words, capsys):
 
 def test_strict_refuses_identical_pairs(tmp_path, words):
     path = write_jsonl(tmp_path / "prefs.jsonl", PAIRS)
-    with pytest.raises(DataError, match=r"prefs\.jsonl row 1: 'chosen' and 'rejected' are the same text") as info:
+    with pytest.raises(DataError, match=r"prefs\.jsonl row 2: 'chosen' and 'rejected' are the same text") as info:
         make(PreferenceData, words, path=str(path), max_prompt_length=2, max_length=4, strict=True)
     assert "\n" not in str(info.value)
-    with pytest.raises(DataError, match="row 1: 'chosen' and 'rejected' are identical after truncation"):
+    with pytest.raises(DataError, match="row 2: 'chosen' and 'rejected' are identical after truncation"):
         make(PreferenceData, words, path=str(write_jsonl(tmp_path / "p2.jsonl", [PAIRS[0], PAIRS[2]])),
              max_prompt_length=2, max_length=4, strict=True)
 

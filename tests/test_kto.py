@@ -147,14 +147,14 @@ def test_data_errors_name_file_row_and_field(tmp_path, tiny_tokenizer):
     rows = [{"prompt": "review : the pizza", "completion": "great", "label": True}] * 2
     rows.append({"prompt": "review : the soup", "completion": "cold", "label": "no"})
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=r"bad\.jsonl row 2: 'label' must be true \(desirable\) or false") as info:
+    with pytest.raises(DataError, match=r"bad\.jsonl row 3: 'label' must be true \(desirable\) or false") as info:
         make_data(UnpairedData, tiny_tokenizer, path=str(path), batch_size=2)
     assert "\n" not in str(info.value)
     path.write_text(path.read_text().replace('"completion": "cold", "label": "no"}', '"completion": '))
     with pytest.raises(DataError, match=r"bad\.jsonl' could not be read: line 3: invalid JSON"):
         make_data(UnpairedData, tiny_tokenizer, path=str(path), batch_size=2)
     write_jsonl(path, [{"prompt": "review : the soup", "completion": " ", "label": False}])
-    with pytest.raises(DataError, match=r"bad\.jsonl row 0: empty or non-text 'completion'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl row 1: empty or non-text 'completion'"):
         make_data(UnpairedData, tiny_tokenizer, path=str(path), batch_size=2)
     with pytest.raises(DataError, match="batch_size must be at least 2"):
         UnpairedData(path=str(path), batch_size=1)

@@ -208,14 +208,14 @@ def _require(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str, sou
 def _text(row: dict[str, Any], column: str, source: str, index: int) -> str:
     value = row.get(column)
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{source} row {index}: empty or non-text {column!r}")
+        raise DataError(f"{source} row {index + 1}: empty or non-text {column!r}")
     return value
 
 
 def _conversation(value: Any, column: str, source: str, index: int) -> Conversation:
     if (not isinstance(value, list) or not value
             or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value)):
-        raise DataError(f"{source} row {index}: {column!r} must be a non-empty list of {{role, content}} messages")
+        raise DataError(f"{source} row {index + 1}: {column!r} must be a non-empty list of {{role, content}} messages")
     return value
 
 
@@ -234,7 +234,8 @@ def sft_records(rows: list[dict[str, Any]], fmt: SFTFormat, source: str) -> list
         else:
             chat = _conversation(row["messages"], "messages", source, i)
             if chat[-1]["role"] != "assistant" or not chat[-1]["content"].strip() or len(chat) < 2:
-                raise DataError(f"{source} row {i}: 'messages' must end with a non-empty assistant turn after a prompt")
+                raise DataError(f"{source} row {i + 1}: 'messages' must end with a non-empty assistant turn after a "
+                                f"prompt")
             records.append(SFTRecord(chat[:-1], chat[-1]["content"]))
     return records
 
@@ -267,7 +268,7 @@ def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source
         margin = float(row.get("margin") or 0.0)
         soft_label = float(row["soft_label"]) if row.get("soft_label") is not None else 1.0
         if not 0.0 <= soft_label <= 1.0:
-            raise DataError(f"{source} row {i}: soft_label {soft_label} is not a probability in [0, 1]")
+            raise DataError(f"{source} row {i + 1}: soft_label {soft_label} is not a probability in [0, 1]")
         prompt: str | Conversation
         if found == "explicit":
             prompt = _text(row, "prompt", source, i)
@@ -280,9 +281,9 @@ def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source
             prompt = implicit_prompt(full_c, full_r)
             chosen, rejected = full_c[len(prompt):], full_r[len(prompt):]
             if not prompt.strip():
-                raise DataError(f"{source} row {i}: 'chosen' and 'rejected' share no prompt prefix")
+                raise DataError(f"{source} row {i + 1}: 'chosen' and 'rejected' share no prompt prefix")
             if not chosen.strip() or not rejected.strip():
-                raise DataError(f"{source} row {i}: one of 'chosen' and 'rejected' is the other plus more text; "
+                raise DataError(f"{source} row {i + 1}: one of 'chosen' and 'rejected' is the other plus more text; "
                                 f"the prompt they share leaves an empty answer")
         else:
             chat_c = _conversation(row["chosen"], "chosen", source, i)
@@ -295,9 +296,10 @@ def preference_records(rows: list[dict[str, Any]], fmt: PreferenceFormat, source
                     n += 1
                 prompt, chat_c, chat_r = chat_c[:n], chat_c[n:], chat_r[n:]
             if not prompt or len(chat_c) != 1 or len(chat_r) != 1:
-                raise DataError(f"{source} row {i}: conversational pairs need a prompt and one assistant answer each")
+                raise DataError(f"{source} row {i + 1}: conversational pairs need a prompt and one assistant answer "
+                                f"each")
             chosen, rejected = chat_c[0]["content"], chat_r[0]["content"]
             if not chosen.strip() or not rejected.strip():
-                raise DataError(f"{source} row {i}: empty chosen or rejected answer")
+                raise DataError(f"{source} row {i + 1}: empty chosen or rejected answer")
         records.append(PreferenceRecord(prompt, chosen, rejected, margin, soft_label))
     return records

@@ -372,7 +372,7 @@ class AlignData(L.LightningDataModule, abc.ABC):
         self.count_tokens([prompt_ids, *responses])
         max_length, max_prompt_length = self._resolved_lengths()
         return truncate_to_fit(prompt_ids, responses, max_length, max_prompt_length, self.truncation,
-                               self.stats, f"{self.source} row {row}")
+                               self.stats, f"{self.source} row {row + 1}")
 
     def count_tokens(self, sequences: list[list[int]]) -> None:
         tok = self.tokenizer
@@ -595,7 +595,7 @@ class PreferenceData(AlignData):
         for i, record in enumerate(preference_records(rows, self.format, self.source)):
             if record.identical:
                 if self.strict:
-                    raise DataError(f"{self.source} row {i}: 'chosen' and 'rejected' are the same text "
+                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are the same text "
                                     f"{record.chosen.strip()[:40]!r} (strict: true refuses such pairs)")
                 self.identical_pairs += 1
                 self.stats.drop(IDENTICAL)
@@ -614,8 +614,8 @@ class PreferenceData(AlignData):
             prompt_ids, (chosen, rejected) = fitted
             if chosen == rejected:  # both answers cut to the same tokens: nothing left to prefer
                 if self.strict:
-                    raise DataError(f"{self.source} row {i}: 'chosen' and 'rejected' are identical after truncation "
-                                    f"to max_length={self.max_length} (strict: true); raise data.max_length")
+                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are identical after "
+                                    f"truncation to max_length={self.max_length} (strict: true); raise data.max_length")
                 self.stats.drop(IDENTICAL_AFTER_TRUNCATION)
                 continue
             record = records[i]
@@ -676,7 +676,7 @@ class PromptData(AlignData):
         for i, row in enumerate(rows):
             prompt = row[self.column]
             if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-                raise DataError(f"{self.source} row {i}: empty {self.column!r}")
+                raise DataError(f"{self.source} row {i + 1}: empty {self.column!r}")
             ids = encode_prompt(tokenizer, prompt, self.chat_template)
             items.append((i, ids, []))
             texts[i] = prompt if isinstance(prompt, str) else _decode(tokenizer, ids)
@@ -686,7 +686,7 @@ class PromptData(AlignData):
         for i, ids, _ in items:
             self.count_tokens([ids])
             fitted = truncate_to_fit(ids, [[]], max_prompt_length, max_prompt_length, self.truncation,
-                                     self.stats, f"{self.source} row {i}")
+                                     self.stats, f"{self.source} row {i + 1}")
             if fitted is None:
                 continue
             text = texts[i]

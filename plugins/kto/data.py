@@ -169,7 +169,7 @@ class UnpairedData(AlignData):
         for i, record in enumerate(preference_records(rows, fmt, self.source)):  # type: ignore[arg-type]
             if record.identical:
                 if self.strict:
-                    raise DataError(f"{self.source} row {i}: 'chosen' and 'rejected' are the same text "
+                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are the same text "
                                     f"{record.chosen.strip()[:40]!r} (strict: true refuses such pairs)")
                 self.identical_pairs += 1
                 self.stats.drop(IDENTICAL)
@@ -187,8 +187,8 @@ class UnpairedData(AlignData):
             prompt_ids, (chosen, rejected) = fitted
             if chosen == rejected:  # cut to the same tokens: one completion labelled both ways
                 if self.strict:
-                    raise DataError(f"{self.source} row {i}: 'chosen' and 'rejected' are identical after truncation "
-                                    f"to max_length={self.max_length} (strict: true); raise data.max_length")
+                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are identical after "
+                                    f"truncation to max_length={self.max_length} (strict: true); raise data.max_length")
                 self.stats.drop(IDENTICAL_AFTER_TRUNCATION)
                 continue
             examples.append(UnpairedExample(2 * i, i, prompt_ids, chosen, True))
@@ -279,13 +279,14 @@ def unpaired_record(row: dict[str, Any], source: str, index: int) -> tuple[str |
     if isinstance(value, list):
         chat = _conversation(value, "completion", source, index)
         if len(chat) != 1 or chat[0]["role"] != "assistant" or not str(chat[0]["content"]).strip():
-            raise DataError(f"{source} row {index}: 'completion' as messages must be one non-empty assistant turn")
+            raise DataError(f"{source} row {index + 1}: 'completion' as messages must be one non-empty assistant turn")
         completion = chat[0]["content"]
     else:
         completion = _text(row, "completion", source, index)
     label = row.get("label")
     if not isinstance(label, bool):
-        raise DataError(f"{source} row {index}: 'label' must be true (desirable) or false (undesirable), got {label!r}")
+        raise DataError(f"{source} row {index + 1}: 'label' must be true (desirable) or false (undesirable), "
+                        f"got {label!r}")
     return prompt, completion, label
 
 
