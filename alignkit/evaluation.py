@@ -32,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data.formats import load_prompts
+from alignkit.errors import RunExistsError
 from alignkit.io import atomic_write_json
 from alignkit.models.loading import ModelConfig, context_length, load_model
 from alignkit.plugin import Reward
 from alignkit.rollout import SamplingConfig, response_logprobs, sample_texts
-from alignkit.run import METRICS_FILE, RunExistsError, default_run_dir
 from alignkit.task import Task
 from alignkit.types import Rollout
 
@@ -517,6 +517,8 @@ def evaluate(policies: dict[str, str], task: Task | None = None, prompts: str | 
         raise ValueError(f"task {task.name!r} has no evaluation prompts")
     if task is not None:
         sampling = with_task_stop(sampling, task)
+
+    from alignkit.run import METRICS_FILE, default_run_dir  # Lightning: not for ``alignkit eval --help``
 
     out = Path(run_dir) if run_dir else default_run_dir("eval")
     if (out / METRICS_FILE).exists():
