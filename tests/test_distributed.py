@@ -8,10 +8,16 @@ It is not exactly 0: every loss is one mean over the step's tokens (or pairs) on
 (``alignkit.aggregation``), but float sums run in another order. Weights are not
 compared directly: Adam's first update is lr·sign(g) for every parameter, so parameters whose gradient is
 close to 0 flip sign on float noise and dominate any weight-space distance without changing the function.
+
+Each strategy's 2-process runs (one per algorithm) are trained in one launch of two processes that run them one after
+another, each its own ``alignkit fit`` with its own Trainer and run directory (tests/distributed_worker.py): a launch
+pays the ~10 s interpreter start-up of each process once, not once per run. The 1-process references run in the
+pytest process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,23 +73,60 @@ FSDP = ("--trainer.strategy={class_path: cpu_fsdp.CPUFSDPStrategy, init_args: {s
         "auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], process_group_backend: gloo}}")
 
 
-def fit(run_dir: Path, devices: int, batch_size: int, args: list[str],
-        strategy: str = "--trainer.strategy=ddp") -> Path:
-    command = [sys.executable, "-m", "alignkit.cli", "fit", *args, *COMMON, "--run_dir", str(run_dir),
-               f"--trainer.devices={devices}", f"--data.init_args.batch_size={batch_size}"]
-    if devices > 1:
-        command.append(strategy)
+WORKER = ROOT / "tests" / "distributed_worker.py"
+
+
+def launch(folder: Path, jobs: dict[str, list[str]]) -> dict[str, str | None]:
+    """Run every job (``alignkit fit`` arguments for 2 processes, without ``--run_dir``: job ``name`` runs in
+    ``folder/name``) one after another in the same two processes (tests/distributed_worker.py), paying their start-up
+    once. Returns each job's error (``None``: it finished on both ranks). A failed job stops its launch; the jobs after
+    it run in a new one, so one broken case fails its own test only."""
+    import signal
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir / "model"
+    status = folder / "status"
+    status.mkdir(parents=True, exist_ok=True)
+    errors: dict[str, str | None] = {}
+    for attempt in range(len(jobs)):
+        pending = [name for name in jobs if name not in errors]
+        if not pending:
+            break
+        for name in pending:  # a job cut short by an earlier failure starts again in a fresh run directory
+            shutil.rmtree(folder / name, ignore_errors=True)
+        spec = folder / f"launch{attempt}.json"
+        spec.write_text(json.dumps({"status": str(status), "jobs": {
+            name: ["fit", *jobs[name], "--run_dir", str(folder / name)] for name in pending}}))
+        log = folder / f"launch{attempt}.log"
+        with open(log, "w") as out:
+            worker = subprocess.Popen([sys.executable, str(WORKER), str(spec)], cwd=ROOT, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                returncode = worker.wait(timeout=120 + 180 * len(pending))
+            except subprocess.TimeoutExpired:
+                returncode = None
+        if returncode != 0:  # rank 1 (same process group) too, however the launch ended
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+        failed = False
+        for name in pending:
+            reports = [path.read_text() for path in (status / f"{name}.rank{r}" for r in (0, 1)) if path.exists()]
+            if reports == ["ok", "ok"]:
+                errors[name] = None
+            elif any(report != "ok" for report in reports):
+                errors[name] = "\n".join([log.read_text()[-3000:], *(report for report in reports if report != "ok")])
+                failed = True
+        if not failed and (unreported := [name for name in pending if name not in errors]):
+            ended = "timed out" if returncode is None else f"exited with {returncode}"
+            errors[unreported[0]] = f"the launch {ended} during this job:\n" + log.read_text()[-3000:]
+    return errors
 
 
 def fit_in_process(run_dir: Path, batch_size: int, args: list[str]) -> Path:
-    """``fit(run_dir, devices=1, ...)`` in the pytest process: the same command line, so the same trained model
-    (one process either way: the same seed, one intra-op thread as ``OMP_NUM_THREADS=1``, see conftest.py), without
-    a fresh interpreter's ~10 s of imports. Environment, working directory and torch's determinism flag come back."""
+    """``alignkit fit ... --trainer.devices=1`` in the pytest process: the command line a separate process would run,
+    so the same trained model (one process either way: the same seed, one intra-op thread as ``OMP_NUM_THREADS=1``,
+    see conftest.py), without a fresh interpreter's ~10 s of imports. Environment, working directory and torch's
+    determinism flag come back."""
     from alignkit.cli import main
 
     environ, cwd = dict(os.environ), os.getcwd()
@@ -191,21 +234,54 @@ STRATEGIES = [*((name, "ddp") for name in ("sft", "rm", "dpo", "ppo")),
               *((name, "zero3") for name in ("sft", "dpo", "ppo"))]
 
 
+STRATEGY_ARGS = {"ddp": "--trainer.strategy=ddp", "fsdp": FSDP, "fsdp2": FSDP2, "zero2": ZERO2, "zero3": ZERO3}
+#: the sharded strategies whose PPO resume is tested (test_sharded_ppo_resumes_to_the_same_result)
+RESUMED = ("fsdp2", "zero3")
+
+
+def resume_args(inputs: dict[str, Path], strategy: str) -> list[str]:
+    """PPO in 2 processes with a checkpoint every 2 steps (append ``--trainer.max_steps``)."""
+    return [*CASES["ppo"][0](inputs), "--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.devices=2",
+            "--trainer.limit_val_batches=0", "--data.init_args.batch_size=4", "--data.init_args.shuffle=false",
+            "--trainer.deterministic=true", "--checkpoint_every=2", STRATEGY_ARGS[strategy]]
+
+
+@pytest.fixture(scope="module")
+def two_processes(inputs, tmp_path_factory):
+    """``two_processes(strategy)``: the run directory of each 2-process run under ``strategy``, and its error
+    (``None`` when it finished). The runs are those of :data:`STRATEGIES` (global batch 8, as the reference), and for
+    :data:`RESUMED` ones the 4-step reference and the first 2 steps of the resume test; all of a strategy's runs
+    are trained once per module, in one launch of two processes (:func:`launch`), each its own ``alignkit fit``."""
+    runs: dict[str, dict[str, tuple[Path, str | None]]] = {}
+
+    def get(strategy: str) -> dict[str, tuple[Path, str | None]]:
+        if strategy not in runs:
+            jobs = {name: [*CASES[name][0](inputs), *COMMON, "--trainer.devices=2", "--data.init_args.batch_size=4",
+                           STRATEGY_ARGS[strategy]] for name, s in STRATEGIES if s == strategy}
+            if strategy in RESUMED:
+                jobs["resume_reference"] = [*resume_args(inputs, strategy), "--trainer.max_steps=4"]
+                jobs["resume_first_half"] = [*resume_args(inputs, strategy), "--trainer.max_steps=2"]
+            folder = tmp_path_factory.mktemp(f"two_processes_{strategy}")
+            runs[strategy] = {name: (folder / name, error) for name, error in launch(folder, jobs).items()}
+        return runs[strategy]
+
+    return get
+
+
 @pytest.mark.parametrize(("name", "strategy"), STRATEGIES)
-def test_two_processes_match_one_process(name, strategy, inputs, single_process, tmp_path):
+def test_two_processes_match_one_process(name, strategy, inputs, single_process, two_processes):
     """DDP, FSDP FULL_SHARD and FSDP2 (whose final exports gather the sharded weights) against one process. PPO
     under FSDP2 also generates with the gathered policy and trains a sharded value head."""
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
-    args, (algorithm, policy) = CASES[name][0](inputs), CASES[name][1](inputs)
+    algorithm, policy = CASES[name][1](inputs)
     initial, tokenizer = initial_model(algorithm, policy)
     single = single_process(name)
-    ddp = fit(tmp_path / strategy, devices=2, batch_size=4, args=args,
-              strategy={"fsdp": FSDP, "fsdp2": FSDP2, "ddp": "--trainer.strategy=ddp", "zero2": ZERO2,
-                        "zero3": ZERO3}[strategy])
+    run_dir, error = two_processes(strategy)[name]
+    assert error is None, error[-3000:]
     texts = [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"] for line in open(inputs["prefs"])][:8]
     f0 = outputs(initial, tokenizer, texts)
-    f1, f2 = (outputs(load(path, algorithm.model_head), tokenizer, texts) for path in (single, ddp))
+    f1, f2 = (outputs(load(path, algorithm.model_head), tokenizer, texts) for path in (single, run_dir / "model"))
     gap = float((f2 - f1).norm() / (f1 - f0).norm())
     print(f"{name} {strategy}: relative change gap {gap:.4f}")
     assert (f1 - f0).norm() > 0, "the single-process run did not train"
@@ -256,32 +332,28 @@ def test_online_algorithms_refuse_fsdp_with_one_line(inputs, tmp_path):
     assert len(error) == 1 and "FSDPStrategy" in error[0] and "ModelParallelStrategy" in error[0], done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_sharded_ppo_resumes_to_the_same_result(strategy, inputs, tmp_path):
+@pytest.mark.parametrize("strategy", RESUMED)
+def test_sharded_ppo_resumes_to_the_same_result(strategy, inputs, two_processes):
     """PPO under FSDP2 or DeepSpeed ZeRO-3 stopped after its step-2 checkpoint and resumed ends bit-for-bit like
-    an uninterrupted run: sharded policy and value head, optimiser state, RNG and data position all come back."""
+    an uninterrupted run: sharded policy and value head, optimiser state, RNG and data position all come back. The
+    uninterrupted run and the first 2 steps run in the strategy's shared launch (:func:`two_processes`); the resume
+    is a fresh ``alignkit fit --resume true`` in new processes, launched by Lightning as a user's would be."""
     from safetensors.torch import load_file
 
     if strategy == "zero3":
         pytest.importorskip("deepspeed")
-    args = [*CASES["ppo"][0](inputs), "--wandb=false", "--trainer.enable_progress_bar=false", "--trainer.devices=2",
-            "--trainer.limit_val_batches=0", "--data.init_args.batch_size=4", "--data.init_args.shuffle=false",
-            "--trainer.deterministic=true", "--checkpoint_every=2", {"fsdp2": FSDP2, "zero3": ZERO3}[strategy]]
+    runs = two_processes(strategy)
+    for job in ("resume_reference", "resume_first_half"):
+        assert runs[job][1] is None, runs[job][1][-3000:]
+    reference, resumed = runs["resume_reference"][0], runs["resume_first_half"][0]
+    (resumed / "metrics.json").unlink()  # as if it had stopped after its step-2 checkpoint
+    shutil.rmtree(resumed / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-
-    def run(run_dir: Path, steps: int, *extra: str) -> None:
-        command = [sys.executable, "-m", "alignkit.cli", "fit", *args, f"--trainer.max_steps={steps}",
-                   "--run_dir", str(run_dir), *extra]
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    run(tmp_path / "reference", 4)
-    run(tmp_path / "resumed", 2)
-    (tmp_path / "resumed" / "metrics.json").unlink()  # as if it had stopped after its step-2 checkpoint
-    shutil.rmtree(tmp_path / "resumed" / "model")
-    run(tmp_path / "resumed", 4, "--resume", "true", "--resume_with_changes", "true")  # max_steps 2 -> 4
-    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("reference", "resumed"))
+    command = [sys.executable, "-m", "alignkit.cli", "fit", *resume_args(inputs, strategy), "--trainer.max_steps=4",
+               "--run_dir", str(resumed), "--resume", "true", "--resume_with_changes", "true"]  # max_steps 2 -> 4
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (reference, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    resumed_completions = (tmp_path / "resumed" / "completions.jsonl").read_text()
-    assert resumed_completions == (tmp_path / "reference" / "completions.jsonl").read_text()
+    assert (resumed / "completions.jsonl").read_text() == (reference / "completions.jsonl").read_text()
