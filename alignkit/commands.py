@@ -194,8 +194,15 @@ def run(name: str, argv: list[str]) -> object:
     summary = (function.__doc__ or "").split("\n\n")[0]  # the Args section becomes the options' help
     parser = ArgumentParser(prog=f"alignkit {name}", description=summary, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")
+    parser.add_argument("--quiet", type=bool, default=True,
+                        help="Silence the libraries' known noise (alignkit.quiet: their tips, deprecations and "
+                             "progress bars of weight loading); false shows it.")
     parser.add_function_arguments(function, as_group=False)
     cfg = parser.parse_args(argv)
+    if cfg.quiet:
+        from alignkit.quiet import quiet
+
+        quiet()
     if name in ("pipeline", "study") and cfg.get("config") and cfg.base_dir == ".":
         cfg.base_dir = str(Path(str(cfg.config[-1])).parent)  # recipes are relative to the pipeline file
     if name == "pipeline" and cfg.get("config") and not cfg.run_dir:
@@ -205,4 +212,4 @@ def run(name: str, argv: list[str]) -> object:
     if name == "study" and cfg.get("config") and not cfg.name:
         cfg.name = Path(str(cfg.config[-1])).stem  # the wandb group: the study file's name
     init = parser.instantiate(cfg)
-    return function(**{k: init[k] for k in init.keys() if k != "config"})
+    return function(**{k: init[k] for k in init.keys() if k not in ("config", "quiet")})

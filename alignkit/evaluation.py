@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data.formats import load_prompts
-from alignkit.errors import RunExistsError
+from alignkit.errors import ConfigError, RunExistsError
 from alignkit.io import atomic_write_json
 from alignkit.models.loading import ModelConfig, context_length, load_model
 from alignkit.plugin import Reward
@@ -271,7 +271,7 @@ def _proxy_scores(reward: Reward, rollout: Rollout) -> list[float]:
     out = reward.score(rollout.prompts, rollout.responses, rollout)
     scores = out.scores.detach().float().reshape(-1).cpu().tolist()
     if len(scores) != len(rollout.responses):
-        raise ValueError(f"reward {reward.reward_name!r} returned {len(scores)} scores for "
+        raise ValueError(f"reward {reward.name!r} returned {len(scores)} scores for "
                          f"{len(rollout.responses)} responses")
     return scores
 
@@ -369,14 +369,14 @@ def best_of_n_curve(model, tokenizer, prompts: list[str], task: Task, reward: Re
 
 def _check_same_vocabulary(tokenizer, ref_tokenizer, name: str) -> None:
     if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
-        raise ValueError(f"policy {name!r} and the reference use different vocabularies; KL(π‖π_ref) needs "
-                         f"both to score the same token ids")
+        raise ConfigError(f"policy {name!r} and the reference use different vocabularies; KL(π‖π_ref) needs "
+                          f"both to score the same token ids")
 
 
 def _resolve_reference(policies: dict[str, str], reference: str | None) -> tuple[dict[str, str], str]:
     """(policies with the reference among them, the reference's name)."""
     if not policies:
-        raise ValueError("policies is empty: give at least one name -> model directory / HF name")
+        raise ConfigError("policies is empty: give at least one name -> model directory / HF name")
     if reference is None:
         return dict(policies), next(iter(policies))
     if reference in policies:
@@ -385,8 +385,8 @@ def _resolve_reference(policies: dict[str, str], reference: str | None) -> tuple
         if path == reference:
             return dict(policies), name
     if REFERENCE_NAME in policies:
-        raise ValueError(f"reference {reference!r} is neither a policy name nor a policy path, and the name "
-                         f"{REFERENCE_NAME!r} it would get is taken")
+        raise ConfigError(f"reference {reference!r} is neither a policy name nor a policy path, and the name "
+                          f"{REFERENCE_NAME!r} it would get is taken")
     return {REFERENCE_NAME: reference, **policies}, REFERENCE_NAME
 
 
@@ -492,15 +492,15 @@ def evaluate(policies: dict[str, str], task: Task | None = None, prompts: str | 
             group = the run directory's name, tag "eval").
     """
     if best_of_n < 0:
-        raise ValueError(f"best_of_n must be >= 0, got {best_of_n}")
+        raise ConfigError(f"best_of_n must be >= 0, got {best_of_n}")
     if best_of_n and reward is None:
-        raise ValueError("best_of_n needs a proxy reward (--reward) to pick the best of the n samples")
+        raise ConfigError("best_of_n needs a proxy reward (--reward) to pick the best of the n samples")
     if best_of_n and task is None:
-        raise ValueError("best_of_n needs a task (--task): its gold reward scores the best-of-n picks")
+        raise ConfigError("best_of_n needs a task (--task): its gold reward scores the best-of-n picks")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if task is None and prompts is None:
-        raise ValueError("give --task (its evaluation prompts and gold reward) or --prompts FILE (your own prompts)")
+        raise ConfigError("give --task (its evaluation prompts and gold reward) or --prompts FILE (your own prompts)")
     policies, ref_name = _resolve_reference(policies, reference)
     if prompts is not None:
         texts, origin = load_prompts(prompts), f"prompts from {prompts}"
@@ -510,11 +510,11 @@ def evaluate(policies: dict[str, str], task: Task | None = None, prompts: str | 
     if num_prompts is not None:
         if not 1 <= num_prompts <= len(texts):
             where = f"the prompts of {prompts}" if prompts is not None else "the task's evaluation prompts"
-            raise ValueError(f"num_prompts must lie in [1, {len(texts)}] ({where}), got {num_prompts}")
+            raise ConfigError(f"num_prompts must lie in [1, {len(texts)}] ({where}), got {num_prompts}")
         texts = texts[:num_prompts]
     if not texts:
         assert task is not None  # load_prompts refuses a file without prompts
-        raise ValueError(f"task {task.name!r} has no evaluation prompts")
+        raise ConfigError(f"task {task.name!r} has no evaluation prompts")
     if task is not None:
         sampling = with_task_stop(sampling, task)
 
@@ -619,8 +619,8 @@ def fit_prompts(prompts: list[str], tokenizer, context: int | None, max_new_toke
 
     room = context - max_new_tokens
     if room < 1:
-        raise ValueError(f"sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {context} tokens")
+        raise ConfigError(f"sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {context} tokens")
     out, cut = [], 0
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt, False)

@@ -8,6 +8,8 @@ them all. Warnings and errors about the run itself are never filtered.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
 #: (logger name, text in the message) pairs dropped from that logger.
@@ -44,9 +46,15 @@ def quiet() -> None:
         logging.getLogger(name).addFilter(_DropMessages(dropped))
     for pattern in WARNING_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
-    try:
+    # transformers' bars ("Loading weights", "Writing model shards" for every save_pretrained): it reads the hub's
+    # switch when it is imported, and has its own once it is (not imported here: `alignkit plugins` stays light)
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # "Writing model shards" for every save_pretrained
-    except ImportError:
-        pass
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()

@@ -347,3 +347,24 @@ def test_evaluate_needs_a_task_or_prompts(tiny_models, tmp_path):
     path.write_text(json.dumps("hi") + "\n")
     with pytest.raises(ValueError, match="best_of_n needs a task"):
         evaluate({"sft": base}, prompts=str(path), reward=CountWords(), best_of_n=2, run_dir=str(tmp_path / "b"))
+
+
+def test_a_reference_with_another_vocabulary_is_a_one_line_error(tiny_models, tmp_path, capsys, monkeypatch):
+    """It was a ValueError traceback from ``alignkit eval``; now a ConfigError, printed on one line."""
+    from alignkit.cli import main as cli_main
+    from alignkit.models import TinyModelConfig, build_tiny_model
+
+    other = tmp_path / "other_vocab"
+    model, tokenizer = build_tiny_model(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2,
+                                                        intermediate_size=32, task="reverse"))
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "review : the tea"}\n')
+    policy = tiny_models[0]
+    with pytest.raises(SystemExit) as info:
+        cli_main(["eval", f"--policies={{a: {policy}}}", f"--reference={other}", f"--prompts={prompts}",
+                  "--sampling.max_new_tokens=4", f"--run_dir={tmp_path / 'eval'}"])
+    assert info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit: error:")]
+    assert len(lines) == 1 and "ConfigError: policy 'a' and the reference use different vocabularies" in lines[0]
