@@ -97,6 +97,8 @@ def test_known_library_noise_is_filtered_at_its_source():
             logger.warning("💡 Tip: For seamless cloud logging ... try installing [litlogger](...)")
             logger.warning("`Trainer.fit` stopped: `max_steps=2` reached.")
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+            warnings.warn("Total length of `list` across ranks is zero. Please make sure this was your intention.",
+                          UserWarning, stacklevel=1)
             warnings.warn("a warning about the run itself", UserWarning, stacklevel=1)
     finally:
         logger.removeHandler(handler)
