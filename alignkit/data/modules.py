@@ -22,6 +22,7 @@ from alignkit.data.formats import (
     SFT_COLUMNS,
     DataError,
     PreferenceFormat,
+    PreferenceRecord,
     SFTFormat,
     detect_format,
     load_rows,
@@ -374,6 +375,44 @@ class AlignData(L.LightningDataModule, abc.ABC):
         return truncate_to_fit(prompt_ids, responses, max_length, max_prompt_length, self.truncation,
                                self.stats, f"{self.source} row {row + 1}")
 
+    def fitted_pairs(self, rows: list[dict[str, Any]], fmt: PreferenceFormat, strict: bool
+                     ) -> list[tuple[int, PreferenceRecord, list[int], list[int], list[int]]]:
+        """Preference rows read in format ``fmt``, encoded, given ``auto`` lengths and truncated:
+        ``(row index, record, prompt_ids, chosen_ids, rejected_ids)`` for each pair kept. A pair whose answers are
+        the same text, or the same tokens after truncation, is dropped and counted (``strict``: refused in one line
+        naming the row). Shared by every data module that reads preference pairs."""
+        tokenizer: Any = self.tokenizer
+        items: list[tuple[int, list[int], list[list[int]]]] = []
+        records = {}
+        for i, record in enumerate(preference_records(rows, fmt, self.source)):
+            if record.identical:
+                if strict:
+                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are the same text "
+                                    f"{record.chosen.strip()[:40]!r} (strict: true refuses such pairs)")
+                self.identical_pairs += 1
+                self.stats.drop(IDENTICAL)
+                continue
+            prompt_ids = encode_prompt(tokenizer, record.prompt, self.chat_template)
+            chosen = encode_response(tokenizer, record.prompt, prompt_ids, record.chosen, self.chat_template)
+            rejected = encode_response(tokenizer, record.prompt, prompt_ids, record.rejected, self.chat_template)
+            items.append((i, prompt_ids, [chosen, rejected]))
+            records[i] = record
+        self.resolve_lengths(items)
+        kept = []
+        for i, prompt_ids, responses in items:
+            fitted = self.fit_example(i, prompt_ids, responses)
+            if fitted is None:
+                continue
+            prompt_ids, (chosen, rejected) = fitted
+            if chosen == rejected:  # both answers cut to the same tokens: nothing left to prefer
+                if strict:
+                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are identical after "
+                                    f"truncation to max_length={self.max_length} (strict: true); raise data.max_length")
+                self.stats.drop(IDENTICAL_AFTER_TRUNCATION)
+                continue
+            kept.append((i, records[i], prompt_ids, chosen, rejected))
+        return kept
+
     def count_tokens(self, sequences: list[list[int]]) -> None:
         tok = self.tokenizer
         unk = getattr(tok, "unk_token_id", None)
@@ -588,39 +627,9 @@ class PreferenceData(AlignData):
     def encode(self, rows: list[dict[str, Any]]) -> list[PreferenceExample]:
         self.rows_read += len(rows)
         self._rows = rows[:1]
-        tokenizer = self.tokenizer
-        assert tokenizer is not None  # attach() or setup() gives it
-        items: list[tuple[int, list[int], list[list[int]]]] = []
-        records = {}
-        for i, record in enumerate(preference_records(rows, self.format, self.source)):
-            if record.identical:
-                if self.strict:
-                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are the same text "
-                                    f"{record.chosen.strip()[:40]!r} (strict: true refuses such pairs)")
-                self.identical_pairs += 1
-                self.stats.drop(IDENTICAL)
-                continue
-            prompt_ids = encode_prompt(tokenizer, record.prompt, self.chat_template)
-            chosen = encode_response(tokenizer, record.prompt, prompt_ids, record.chosen, self.chat_template)
-            rejected = encode_response(tokenizer, record.prompt, prompt_ids, record.rejected, self.chat_template)
-            items.append((i, prompt_ids, [chosen, rejected]))
-            records[i] = record
-        self.resolve_lengths(items)
-        examples = []
-        for i, prompt_ids, responses in items:
-            fitted = self.fit_example(i, prompt_ids, responses)
-            if fitted is None:
-                continue
-            prompt_ids, (chosen, rejected) = fitted
-            if chosen == rejected:  # both answers cut to the same tokens: nothing left to prefer
-                if self.strict:
-                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are identical after "
-                                    f"truncation to max_length={self.max_length} (strict: true); raise data.max_length")
-                self.stats.drop(IDENTICAL_AFTER_TRUNCATION)
-                continue
-            record = records[i]
-            examples.append(PreferenceExample(i, prompt_ids, chosen, rejected, record.margin, record.soft_label))
-        return examples
+        assert self.tokenizer is not None  # attach() or setup() gives it
+        return [PreferenceExample(i, prompt_ids, chosen, rejected, record.margin, record.soft_label)
+                for i, record, prompt_ids, chosen, rejected in self.fitted_pairs(rows, self.format, self.strict)]
 
     def length(self, example: PreferenceExample) -> int:
         return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))

@@ -19,9 +19,8 @@ from alignkit.data.formats import (
     _conversation,
     _text,
     detect_format,
-    preference_records,
 )
-from alignkit.data.modules import IDENTICAL, IDENTICAL_AFTER_TRUNCATION, ResumableLoader, ResumableSampler
+from alignkit.data.modules import ResumableLoader, ResumableSampler
 
 #: The data kind of :class:`UnpairedData` (and of :class:`~alignkit_plugins.kto.KTO`'s ``data_kind``).
 UNPAIRED = "unpaired"
@@ -164,33 +163,8 @@ class UnpairedData(AlignData):
     def encode_pairs(self, rows: list[dict[str, Any]]) -> list[UnpairedExample]:
         """Preference rows, each split into a desirable and an undesirable example (PreferenceData's checks)."""
         fmt = self.detected_format(rows)
-        tokenizer: Any = self.tokenizer
-        items = []
-        for i, record in enumerate(preference_records(rows, fmt, self.source)):  # type: ignore[arg-type]
-            if record.identical:
-                if self.strict:
-                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are the same text "
-                                    f"{record.chosen.strip()[:40]!r} (strict: true refuses such pairs)")
-                self.identical_pairs += 1
-                self.stats.drop(IDENTICAL)
-                continue
-            prompt_ids = encode_prompt(tokenizer, record.prompt, self.chat_template)
-            chosen = encode_response(tokenizer, record.prompt, prompt_ids, record.chosen, self.chat_template)
-            rejected = encode_response(tokenizer, record.prompt, prompt_ids, record.rejected, self.chat_template)
-            items.append((i, prompt_ids, [chosen, rejected]))
-        self.resolve_lengths(items)
         examples = []
-        for i, prompt_ids, responses in items:
-            fitted = self.fit_example(i, prompt_ids, responses)
-            if fitted is None:
-                continue
-            prompt_ids, (chosen, rejected) = fitted
-            if chosen == rejected:  # cut to the same tokens: one completion labelled both ways
-                if self.strict:
-                    raise DataError(f"{self.source} row {i + 1}: 'chosen' and 'rejected' are identical after "
-                                    f"truncation to max_length={self.max_length} (strict: true); raise data.max_length")
-                self.stats.drop(IDENTICAL_AFTER_TRUNCATION)
-                continue
+        for i, _, prompt_ids, chosen, rejected in self.fitted_pairs(rows, fmt, self.strict):  # type: ignore[arg-type]
             examples.append(UnpairedExample(2 * i, i, prompt_ids, chosen, True))
             examples.append(UnpairedExample(2 * i + 1, i, prompt_ids, rejected, False))
         return examples
