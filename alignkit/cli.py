@@ -253,10 +253,8 @@ def resolve_plugin_names(argv: list[str]) -> list[str]:
         path = class_path_of(value)
         if path is None and value.startswith("["):
             items = yaml.safe_load(value)
-            if isinstance(items, list) and any(isinstance(x, str) and class_path_of(x) for x in items):
-                resolved = [{"class_path": class_path_of(x)} if isinstance(x, str) and class_path_of(x) else x
-                            for x in items]
-                path = json.dumps(resolved)
+            resolved = resolve_named_value(items, tuple(key[2:].split(".")))
+            path = json.dumps(resolved) if resolved != items else None
         if path is not None:
             arg = f"{key}={path}" if equals else path
         out.append(arg)
@@ -279,14 +277,25 @@ def resolve_config_names(value: Any, path: tuple[str, ...] = ()) -> Any:
         where = (*path, str(key))
         if key == "class_path" and isinstance(item, str) and "." not in item:
             out[key] = class_path_of(item) or item
-        elif ".".join(where) in NAMED_OPTIONS and isinstance(item, str):
-            out[key] = class_path_of(item) or item
-        elif ".".join(where) in NAMED_OPTIONS and isinstance(item, list):
-            out[key] = [{"class_path": class_path_of(x)} if isinstance(x, str) and class_path_of(x) else
-                        resolve_config_names(x, where) for x in item]
+        elif ".".join(where) in NAMED_OPTIONS:
+            out[key] = resolve_named_value(item, where)
         else:
             out[key] = resolve_config_names(item, where)
     return out
+
+
+def resolve_named_value(value: Any, where: tuple[str, ...]) -> Any:
+    """The value of the :data:`NAMED_OPTIONS` key ``where`` with plugin names replaced by class paths: a name, or a
+    list whose names become ``{class_path: ...}`` entries (its other entries as :func:`resolve_config_names` reads
+    them)."""
+    from alignkit.manager import class_path_of
+
+    if isinstance(value, str):
+        return class_path_of(value) or value
+    if isinstance(value, list):
+        return [{"class_path": path} if isinstance(x, str) and (path := class_path_of(x)) else
+                resolve_config_names(x, where) for x in value]
+    return resolve_config_names(value, where)
 
 
 def _load_yaml_with_plugin_names(text: str) -> Any:
