@@ -14,7 +14,9 @@ terminal width, the Python interpreter, every installed distribution's name and 
 folders on ``sys.path``, with their times, which a reinstall changes), the ``ALIGNKIT_*``, ``JSONARGPARSE_*``,
 ``PL_*`` and colour environment variables, and the path, time and size of every file of alignkit and of the
 packages that provide ``alignkit`` and ``alignkit.commands`` entry points. It is written atomically; an unreadable
-or damaged file is ignored (and rewritten). ``ALIGNKIT_NO_HELP_CACHE=1`` turns the cache off. Any other call
+or damaged file is ignored (and rewritten). Before the parser is built, the texts alignkit ships are tried
+(:mod:`alignkit.shipped_help`: made from the pinned versions, printed only where they are exactly what is installed),
+so the first call is fast too. ``ALIGNKIT_NO_HELP_CACHE=1`` turns both off. Any other call
 (``--help`` together with other arguments, ``--print_config``) builds the parser as always.
 """
 
@@ -136,8 +138,13 @@ CACHE_KEEP = 200
 def command_help(args: list[str], argv: list[str] | None) -> None:
     """Print ``alignkit <command> --help`` (``args``) from the help cache, or build it, cache it and print it; exits
     like the parser does (``SystemExit(0)``)."""
-    cache = None if os.environ.get(NO_CACHE_ENV, "") not in ("", "0") else cache_file(args)
+    enabled = os.environ.get(NO_CACHE_ENV, "") in ("", "0")
+    cache = cache_file(args) if enabled else None
     text = read_cache(cache, args) if cache is not None else None
+    if text is None and enabled:
+        from alignkit.shipped_help import shipped_help
+
+        text = shipped_help(args)
     if text is None:
         try:
             text, code = render_help(args, argv)

@@ -111,7 +111,7 @@ def function_options(function: Any) -> list[Option]:
 
 def scalar(value: Any) -> str:
     """A default as YAML; a path inside this checkout is shown relative to it, so the page is the same on every
-    machine (the shipped constitution's default is an absolute path at run time)."""
+    machine (a plugin's default may be a path computed from its ``__file__``)."""
     if isinstance(value, str) and value.startswith(str(ROOT) + "/"):
         value = value[len(str(ROOT)) + 1:]
     text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, allow_unicode=True).strip()

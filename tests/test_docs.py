@@ -156,8 +156,9 @@ def test_reference_is_up_to_date(generated_reference):
 
 def test_reference_does_not_depend_on_where_the_checkout_is(generated_reference):
     """CI checks out elsewhere than a developer: an absolute path in a default made the committed page stale there."""
-    assert str(load_generator().ROOT) not in generated_reference
-    assert "`plugins/constitutional/constitution.yaml`" in generated_reference
+    generator = load_generator()
+    assert str(generator.ROOT) not in generated_reference
+    assert generator.scalar(str(generator.ROOT / "plugins" / "x.yaml")) == "plugins/x.yaml"
 
 
 def test_reference_covers_every_builtin_entry_point():

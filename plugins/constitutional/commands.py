@@ -40,7 +40,7 @@ from alignkit import (
     sample_texts,
     write_jsonl,
 )
-from alignkit_plugins.constitutional.constitution import DEFAULT_CONSTITUTION, Constitution, load_constitution
+from alignkit_plugins.constitutional.constitution import Constitution, load_constitution
 from alignkit_plugins.constitutional.feedback import Feedback
 
 REVISIONS_FILE = "revisions.jsonl"
@@ -167,7 +167,7 @@ def _train_prompts(task: Task, num_prompts: int) -> list[str]:
 # ------------------------------------------------------------------------------------------ SL-CAI
 
 
-def critique_revise(policy: str, task: Task, feedback: Feedback, constitution: str = str(DEFAULT_CONSTITUTION),
+def critique_revise(policy: str, task: Task, feedback: Feedback, constitution: str | None = None,
                     num_prompts: int = 2000, rounds: int = 1,
                     sampling: SamplingConfig = SamplingConfig(max_new_tokens=24), batch_size: int = 64,
                     seed: int = 0, run_dir: str | None = None) -> Path:
@@ -184,7 +184,7 @@ def critique_revise(policy: str, task: Task, feedback: Feedback, constitution: s
         task: the task whose train prompts and gold reward are used.
         feedback: the critic and reviser (e.g. ``alignkit_plugins.constitutional.RuleFeedback`` or
             ``LMFeedback`` with ``--feedback.model=<dir or name>``).
-        constitution: YAML file of principles (default: the shipped constitution.yaml).
+        constitution: YAML file of principles; null (the default): the shipped ``constitution.yaml``.
         num_prompts: how many train prompts to answer (at most the task's number of train prompts);
             prompts whose answer is empty are left out.
         rounds: critique-and-revision rounds per answer.
@@ -248,7 +248,7 @@ def critique_revise(policy: str, task: Task, feedback: Feedback, constitution: s
 # ------------------------------------------------------------------------------------------ RL-CAI
 
 
-def ai_feedback(policy: str, task: Task, feedback: Feedback, constitution: str = str(DEFAULT_CONSTITUTION),
+def ai_feedback(policy: str, task: Task, feedback: Feedback, constitution: str | None = None,
                 num_prompts: int = 2000, sampling: SamplingConfig = SamplingConfig(max_new_tokens=24),
                 batch_size: int = 64, seed: int = 0, run_dir: str | None = None) -> Path:
     """RL-CAI labels: the policy samples two responses per train prompt (pairs with an empty or two
@@ -264,7 +264,7 @@ def ai_feedback(policy: str, task: Task, feedback: Feedback, constitution: str =
         policy: model directory (e.g. the SL-CAI stage's ``model/``) or HF name of the policy that samples.
         task: the task whose train prompts and gold reward are used.
         feedback: the judge (e.g. ``alignkit_plugins.constitutional.RuleFeedback`` or ``LMFeedback``).
-        constitution: YAML file of principles (default: the shipped constitution.yaml).
+        constitution: YAML file of principles; null (the default): the shipped ``constitution.yaml``.
         num_prompts: how many train prompts to sample pairs for.
         sampling: sampling settings of the two responses.
         batch_size: prompts per generation batch.
@@ -326,7 +326,7 @@ def compliance_table(results: dict[str, dict[str, float]], names: list[str]) -> 
 
 
 @fixed_seed  # measured on the evaluation prompts with eval's draws: a yardstick, like `alignkit eval`
-def compliance(policies: dict[str, str], task: Task, feedback: Feedback, constitution: str = str(DEFAULT_CONSTITUTION),
+def compliance(policies: dict[str, str], task: Task, feedback: Feedback, constitution: str | None = None,
                num_prompts: int | None = None, sampling: SamplingConfig = SamplingConfig(max_new_tokens=24),
                batch_size: int = 64, seed: int = 0, run_dir: str | None = None) -> dict[str, dict[str, float]]:
     """Principle compliance by the judge: every policy samples one response per evaluation prompt (the same
@@ -338,7 +338,7 @@ def compliance(policies: dict[str, str], task: Task, feedback: Feedback, constit
         policies: name -> model directory or HF name, reported in this order.
         task: the task whose evaluation prompts and gold reward are used.
         feedback: a judge that rates single responses (``complies``), e.g. RuleFeedback.
-        constitution: YAML file of principles (default: the shipped constitution.yaml).
+        constitution: YAML file of principles; null (the default): the shipped ``constitution.yaml``.
         num_prompts: use the first this many evaluation prompts (None: all).
         sampling: sampling settings shared by all policies.
         batch_size: prompts per generation batch.

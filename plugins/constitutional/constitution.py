@@ -122,9 +122,9 @@ def parse_constitution(data: Any, source: str = "<memory>") -> Constitution:
     return Constitution(tuple(parse_principle(e, i, source) for i, e in enumerate(entries)), source)
 
 
-def load_constitution(path: str | Path = DEFAULT_CONSTITUTION) -> Constitution:
-    """Read a constitution YAML file (the shipped default when no path is given)."""
-    path = Path(path).expanduser()
+def load_constitution(path: str | Path | None = None) -> Constitution:
+    """Read a constitution YAML file (the shipped :data:`DEFAULT_CONSTITUTION` when ``path`` is None)."""
+    path = DEFAULT_CONSTITUTION if path is None else Path(path).expanduser()
     if not path.is_file():
         raise ConstitutionError(f"constitution file {path} does not exist")
     try:
