@@ -107,6 +107,13 @@ def installed_entry_points() -> list[list[str]]:
     return sorted([group, ep.name, ep.value] for group in GROUPS for ep in entry_points(group=group))
 
 
+def own_entry_points() -> list[list[str]]:
+    """``[group, name, target]`` of the entry points of :data:`GROUPS` alignkit's own distribution declares."""
+    from importlib.metadata import distribution
+
+    return sorted([ep.group, ep.name, ep.value] for ep in distribution("alignkit").entry_points if ep.group in GROUPS)
+
+
 def sources_digest(points: list[list[str]]) -> str:
     """SHA-256 over the relative path and bytes of every ``.py`` file of ``alignkit`` and of the top-level packages
     the entry points ``points`` name (the same in a checkout and in an installed wheel)."""
@@ -222,7 +229,7 @@ def make(folder: Path = FOLDER, jobs: int = 2, only: list[str] | None = None) ->
         distributions.update(result["distributions"])
     from packaging.utils import canonicalize_name
 
-    points = installed_entry_points()
+    points = own_entry_points()
     required = required_distributions()
     manifest = {"format": FORMAT, "python": platform.python_version(), "columns": COLUMNS,
                 "distributions": dict(sorted(distributions.items())),
@@ -258,6 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout = sys.__stdout__
         print(json.dumps(result))
     elif args.write:
+        own = own_entry_points()
+        others = sorted({point.dist.name for group in GROUPS for point in entry_points(group=group)
+                         if [group, point.name, point.value] not in own and point.dist is not None})
+        if others:
+            raise SystemExit(f"other alignkit plugins are installed; the shipped texts are alignkit's alone: "
+                             f"pip uninstall -y {' '.join(others)}, then run --write again")
         manifest = make()
         print(f"wrote {len(manifest['commands'])} help texts and {MANIFEST} to {FOLDER}")
     else:
