@@ -94,7 +94,9 @@ class AlignCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {name: LightningCLI.subcommands()[name] for name in TRAINER_COMMANDS}
+        # `validate --verbose` is alignkit's switch (as on every command), not Trainer.validate's table toggle
+        return {name: LightningCLI.subcommands()[name] | ({"verbose"} if name == "validate" else set())
+                for name in TRAINER_COMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
@@ -114,8 +116,10 @@ class AlignCLI(LightningCLI):
                                  "configuration must be the one it was started with.")
         parser.add_argument("--quiet", type=bool, default=True,
                             help="Silence the libraries' known noise (tips, their own deprecations, progress bars of "
-                                 "single-file writes; alignkit/quiet.py); --quiet false keeps it. (--verbose is "
-                                 "Trainer.validate's own option.)")
+                                 "single-file writes; alignkit/quiet.py); --quiet false (or --verbose) keeps it.")
+        parser.add_argument("--verbose", action="store_true",
+                            help="Show the libraries' noise that alignkit silences by default (the same as --quiet "
+                                 "false).")
         parser.add_argument("--resume_with_changes", type=bool, default=False,
                             help="With --resume: accept a configuration that differs from the run's config.yaml; the "
                                  "changes are recorded in resume_changes.jsonl and the new optimiser settings (e.g. "
@@ -150,7 +154,7 @@ class AlignCLI(LightningCLI):
         run_seed = cfg.seed_everything if cfg.seed_everything is not False else global_seed()
         fill_seeds(cfg, run_seed)
         fill_tiny_data(cfg)
-        if cfg.get("quiet", True):
+        if cfg.get("quiet", True) and not cfg.get("verbose", False):
             from alignkit.quiet import quiet
 
             quiet()

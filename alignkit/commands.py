@@ -196,10 +196,12 @@ def run(name: str, argv: list[str]) -> object:
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the options below.")
     parser.add_argument("--quiet", type=bool, default=True,
                         help="Silence the libraries' known noise (alignkit.quiet: their tips, deprecations and "
-                             "progress bars of weight loading); false shows it.")
+                             "progress bars of weight loading); false (or --verbose) shows it.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Show the libraries' noise that alignkit silences by default (the same as --quiet false).")
     parser.add_function_arguments(function, as_group=False)
     cfg = parser.parse_args(argv)
-    if cfg.quiet:
+    if cfg.quiet and not cfg.verbose:
         from alignkit.quiet import quiet
 
         quiet()
@@ -212,4 +214,4 @@ def run(name: str, argv: list[str]) -> object:
     if name == "study" and cfg.get("config") and not cfg.name:
         cfg.name = Path(str(cfg.config[-1])).stem  # the wandb group: the study file's name
     init = parser.instantiate(cfg)
-    return function(**{k: init[k] for k in init.keys() if k not in ("config", "quiet")})
+    return function(**{k: init[k] for k in init.keys() if k not in ("config", "quiet", "verbose")})

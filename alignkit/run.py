@@ -51,7 +51,7 @@ CHANGES_FILE = "resume_changes.jsonl"
 #: directory may be moved) and how it is shown or checkpointed, not what is computed.
 RESUME_IGNORED_KEYS = frozenset({"ckpt_path", "resume", "resume_with_changes", "run_dir", "trainer.default_root_dir",
                                  "keep_checkpoints", "checkpoint_every", "trainer.enable_progress_bar",
-                                 "trainer.enable_model_summary", "quiet", "experiment"})
+                                 "trainer.enable_model_summary", "quiet", "verbose", "experiment"})
 
 
 def default_run_dir(recipe: str | None) -> Path:

@@ -368,3 +368,33 @@ def test_the_help_cache_can_be_turned_off(hello_command, monkeypatch, capsys):
     monkeypatch.setenv("ALIGNKIT_NO_HELP_CACHE", "1")
     assert "Say hello" in run_help(["hello", "--help"], capsys)
     assert not cache_dir().exists()
+
+
+@pytest.mark.parametrize("args, silenced", [([], True), (["--verbose"], False), (["--quiet=false"], False)])
+def test_verbose_keeps_the_library_noise(args, silenced, monkeypatch, capsys, tmp_path):
+    """Every command is quiet by default; ``--verbose`` (or ``--quiet false``) leaves the libraries' messages be:
+    a function command, and ``fit``."""
+    from conftest import QUIET, SFT_RECIPE, TINY_MODEL, run_cli
+
+    import alignkit.quiet
+    from alignkit.commands import run
+
+    calls = []
+    monkeypatch.setattr(alignkit.quiet, "quiet", lambda: calls.append("quiet"))
+    run("plugins", ["--kind", "command", *args])
+    assert "cai-revise" in capsys.readouterr().out
+    assert calls == (["quiet"] if silenced else [])
+    run_cli(["fit", "--config", SFT_RECIPE, *TINY_MODEL, *QUIET, "--trainer.max_steps=1", *args,
+             "--data.init_args.task.init_args.num_train_prompts=20", "--run_dir", tmp_path / "run"])
+    assert calls == (["quiet", "quiet"] if silenced else [])
+
+
+def test_validate_takes_verbose_as_every_command_does(capsys):
+    """``--verbose`` is alignkit's switch on ``validate`` too (Trainer.validate's own ``verbose``, which prints the
+    results table, keeps its default)."""
+    from conftest import SFT_RECIPE, run_cli
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(["validate", "--config", SFT_RECIPE, "--verbose", "--print_config"])
+    assert info.value.code in (0, None)
+    assert "verbose: true" in capsys.readouterr().out
