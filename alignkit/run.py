@@ -37,6 +37,7 @@ from alignkit.checkpoint import LAST_NAME, link_atomically, recover_folder, veri
 from alignkit.distributed import full_state_dict
 from alignkit.errors import ConfigChangedError, NothingToResumeError, RunExistsError
 from alignkit.io import as_write_failed, atomic_write_json, atomic_write_text, fsync_dir  # also importable from here
+from alignkit.step_logging import last_training_batch
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -495,7 +496,8 @@ class RunDirectory(L.Callback):
     the first N rows and the rows right after them at steps up to S, and drops the rest, which the resumed run
     logs again; the file is rewritten atomically, never deleted. (A checkpoint of an earlier alignkit keeps the
     rows at logging steps up to its S.) The ``completions.jsonl`` samples recorded up to the checkpoint's
-    optimiser step are kept, the later ones dropped.
+    optimiser step are kept, the later ones dropped. The last training step is always logged (Lightning logs every
+    ``log_every_n_steps`` batches).
     """
 
     def __init__(self, run_dir: str | Path, recipe: str | None = None):
@@ -508,6 +510,7 @@ class RunDirectory(L.Callback):
         self.csv_rows: int | None = None  # rows of metrics.csv when the resumed checkpoint was written
         self.csv_step: int | None = None  # the optimiser step then (an earlier alignkit's: Lightning's logging step)
         self.trainer: L.Trainer | None = None
+        self.log_every_n_steps: int | None = None  # the trainer's, while the last batch logs
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.trainer = trainer
@@ -584,9 +587,19 @@ class RunDirectory(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.first:
             self.first = scalars(trainer.callback_metrics)
+        if last_training_batch(trainer):
+            # Lightning writes a batch's metrics (after this hook) when its logging step is a multiple of
+            # log_every_n_steps: the last step reaches metrics.csv and wandb whatever the run's length (the attribute
+            # is set on the trainer by Lightning's logger connector; Trainer does not declare it)
+            self.log_every_n_steps = getattr(trainer, "log_every_n_steps")
+            setattr(trainer, "log_every_n_steps", 1)
         for logger in trainer.loggers:  # a step is done: the run is worth a wandb run (started once)
             if isinstance(logger, RunWandbLogger):
                 logger.start()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.log_every_n_steps is not None:
+            setattr(trainer, "log_every_n_steps", self.log_every_n_steps)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:

@@ -13,6 +13,15 @@ else:
     _LightningModule = object
 
 
+def last_training_batch(trainer: L.Trainer, stepped: bool = True) -> bool:
+    """Whether the batch being trained is the run's last: its optimiser step reaches ``max_steps``, or it is the last
+    batch of the last epoch. ``stepped``: the optimiser already stepped for this batch."""
+    if 0 < trainer.max_steps <= trainer.global_step + (0 if stepped else 1):
+        return True
+    max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
+    return trainer.is_last_batch and trainer.current_epoch + 1 >= max_epochs
+
+
 class StepLogging(_LightningModule):
     """Logging decisions and logging of loss statistics, for a ``LightningModule`` with ``world_size`` and a
     ``_logged_a_step`` flag (False until this process logged a training step)."""
@@ -33,10 +42,7 @@ class StepLogging(_LightningModule):
         if trainer is None or not self._logged_a_step or self._lightning_writes_logs(trainer):
             self._logged_a_step = True
             return True
-        if 0 < trainer.max_steps <= trainer.global_step + (0 if stepped else 1):
-            return True
-        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
-        return trainer.is_last_batch and trainer.current_epoch + 1 >= max_epochs
+        return last_training_batch(trainer, stepped)
 
     def _lightning_writes_logs(self, trainer: L.Trainer) -> bool:
         """Whether Lightning writes this training batch's ``on_step`` metrics: when its logging step (the batches

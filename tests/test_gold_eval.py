@@ -215,3 +215,23 @@ def test_one_step_axis_in_metrics_csv_completions_gold_eval_and_checkpoints(ppo_
     assert completion_steps == train_steps
     assert {r["step"] for r in read_trajectory(run)} - {0} <= set(train_steps)
     assert json.loads((run / "metrics.json").read_text())["global_step"] == train_steps[-1]
+
+
+def test_the_last_step_reaches_metrics_csv_whatever_log_every_n_steps(sft_run, tmp_path):
+    """Lightning writes training rows every ``log_every_n_steps`` batches: a 4-step SFT run logged every 3 had a row
+    at step 3 only, and a run shorter than the interval had no training row at all. The last step is written too,
+    under automatic (SFT, ended by its epochs) and manual optimisation (PPO: 2 optimiser steps a batch, ended by
+    max_steps)."""
+    from conftest import SFT_RECIPE, TINY_MODEL
+
+    run_cli(["fit", "--config", SFT_RECIPE, *TINY_MODEL, *QUIET, "--trainer.max_steps=5",
+             "--trainer.log_every_n_steps=3", "--data.init_args.task.init_args.num_train_prompts=20",
+             "--run_dir", tmp_path / "sft"])
+    last = json.loads((tmp_path / "sft" / "metrics.json").read_text())["global_step"]
+    assert last == 4  # the recipe's epochs end it first (20 prompts: 2 batches an epoch), the last batch of the last
+    assert [int(r["step"]) for r in csv_rows(tmp_path / "sft") if r.get("train/loss")] == [3, 4]
+    run_cli([*ppo_args(sft_run / "model"), "--trainer.log_every_n_steps=3", "--run_dir", tmp_path / "ppo"])
+    rows = [r for r in csv_rows(tmp_path / "ppo") if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [6, 8]
+    final = json.loads((tmp_path / "ppo" / "metrics.json").read_text())["final"]
+    assert float(rows[-1]["train/loss"]) == pytest.approx(final["train/loss"])
