@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,6 +29,54 @@ PREEMPTED_EXIT_CODE = 75
 
 #: The signals that stop a run at the next step boundary.
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+#: The stop signal this process received outside a run's training (a study's worker before or between its cells,
+#: or a run it stopped): a run that starts afterwards stops at its start. See :func:`remember_stop_signals`.
+_NOTED: list[str] = []
+
+
+def note_stop(name: str) -> None:
+    """Remember that this process was asked to stop (by the signal ``name``)."""
+    if not _NOTED:
+        _NOTED.append(name)
+
+
+def stop_noted() -> str | None:
+    """The signal that asked this process to stop (:func:`note_stop`), or None."""
+    return _NOTED[0] if _NOTED else None
+
+
+def clear_stop() -> None:
+    """Forget a noted stop (a study that ran its cells in this process is over)."""
+    _NOTED.clear()
+
+
+def remember_stop_signals(forward: Callable[[int], None] | None = None) -> dict[int, Any]:
+    """Make SIGTERM and SIGUSR1 stop this process's runs instead of ending the process: the handler notes the
+    signal (:func:`note_stop`), so a run that starts later stops at its start, and calls ``forward(signum)``; a run
+    training meanwhile has :class:`StopOnSignal`'s handlers in place. Returns the handlers it replaced (for
+    :func:`restore_handlers`); in a thread other than the main one it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handle(signum: int, frame: Any) -> None:
+        note_stop(signal.Signals(signum).name)
+        if forward is not None:
+            forward(signum)
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handle)
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back the signal handlers :func:`remember_stop_signals` replaced."""
+    for number, handler in previous.items():
+        signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 class Preempted(SIGTERMException):
@@ -108,6 +156,8 @@ class StopOnSignal(L.Callback):
         self._install()
         if getattr(trainer, "received_sigterm", False) and self.received is None:  # Lightning's, during start-up
             self.received = "SIGTERM"
+        if self.received is None and stop_noted():  # e.g. a study's worker, signalled before this run began
+            self.received = stop_noted()
         if self.stop_now(trainer):  # signalled during start-up: nothing new to save
             raise self._preempted(trainer)
 

@@ -15,7 +15,8 @@ Cells run on an executor: ``local`` (a process pool, one worker per ``threads_pe
 runs its cells in-process, so it pays the imports once), ``ray`` (Ray tasks on a cluster or a local Ray
 instance) or ``inline`` (in this process, one after the other). A finished cell (its ``cell.json``) is
 skipped when the study runs again, a stage stopped part-way continues from its checkpoint, and a failed
-cell is reported without stopping the others. :mod:`alignkit.study_report` turns the cells into
+cell is reported without stopping the others. SIGTERM/SIGUSR1 stop the running cells at a checkpoint and the study
+with exit code 75, writing no report (the same command continues). :mod:`alignkit.study_report` turns the cells into
 ``study.json``, ``report.md`` and the plots.
 
 Layout of ``<run_dir>``: ``seed-<s>/upstream/<stage>/`` and ``seed-<s>/<method>/`` (each with ``cell.json``
@@ -284,6 +285,10 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     record: dict[str, Any] = {"kind": spec.kind, "method": spec.name, "seed": spec.seed, "run_dir": str(out),
                               "config": cell_config(spec)}
     started = time.perf_counter()
+    from alignkit.signals import Preempted, note_stop, stop_noted
+
+    if stop_noted():  # this process was asked to stop before the cell began (a worker's queued cell)
+        return {**record, "status": "stopped", "signal": stop_noted(), "began": False}
     try:
         import torch
 
@@ -304,6 +309,10 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     except BaseException as exc:  # noqa: BLE001 - a cell's failure is data, not a crash of the study
         if isinstance(exc, KeyboardInterrupt):
             raise
+        if isinstance(exc, Preempted):  # stopped at a checkpoint by SIGTERM/SIGUSR1: a re-run continues it
+            note_stop(exc.signal_name)
+            return {**record, "status": "stopped", "signal": exc.signal_name, "began": True,
+                    "wall_time_s": round(time.perf_counter() - started, 2)}
         out.mkdir(parents=True, exist_ok=True)
         with (out / LOG_FILE).open("a") as log:
             log.write(traceback.format_exc())
@@ -355,13 +364,40 @@ class InlineExecutor:
         future.set_result(run_cell(spec))
         return future
 
+    def stop(self) -> None:
+        """Stop the running cells (here: the cell in this process already saw the signal)."""
+
     def shutdown(self) -> None:
         pass
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    """A local worker: ``threads`` torch threads; SIGTERM/SIGUSR1 (forwarded by the study, or sent when the study's
+    process ``parent`` dies, on Linux) stop its runs at a checkpoint instead of killing it mid-write."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import signal
+
+    from alignkit.signals import note_stop, remember_stop_signals
+
+    remember_stop_signals()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the study died before the line above took effect
+        note_stop("SIGTERM")
+
+
+def _forward_to_workers(signum: int) -> None:
+    """Send a stop signal on to the local executor's worker processes (the children of this process)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(cast(int, child.pid), signum)
 
 
 class LocalExecutor:
@@ -371,10 +407,13 @@ class LocalExecutor:
         import multiprocessing
 
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(threads,))
+                                        initializer=_init_worker, initargs=(threads, os.getpid()))
 
     def submit(self, spec: CellSpec) -> Future:
         return self.pool.submit(run_cell, spec)
+
+    def stop(self) -> None:
+        """Stop the running cells (the workers got the signal from :func:`_forward_to_workers`)."""
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -396,9 +435,19 @@ class RayExecutor:
             ray.init(address=address, log_to_driver=False, num_cpus=None if address else workers * threads,
                      include_dashboard=None if address else False)
         self.task = ray.remote(num_cpus=threads)(run_cell)
+        self.refs: list[Any] = []
 
     def submit(self, spec: CellSpec) -> Future:
-        return self.task.remote(spec).future()
+        ref = self.task.remote(spec)
+        self.refs.append(ref)
+        return ref.future()
+
+    def stop(self) -> None:
+        """Cancel the tasks: a queued one never starts, a running one is interrupted (its run keeps the checkpoints
+        written so far, from which a re-run continues)."""
+        for ref in self.refs:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref)
 
     def shutdown(self) -> None:
         self.ray.shutdown()
@@ -538,9 +587,15 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
     print(f"[study] {len(chosen)} methods × {len(seeds)} seeds on {executor} ({workers} workers × "
           f"{threads_per_worker} threads) -> {root}")
     pool = None
+    from alignkit.signals import clear_stop, note_stop, remember_stop_signals, restore_handlers, stop_noted
+
+    stopped = {"began": 0, "not started": 0}  # cells cut short by SIGTERM/SIGUSR1, and cells never begun
 
     def submit(spec: CellSpec) -> None:
         nonlocal pool
+        if stop_noted():
+            stopped["not started"] += 1 if spec.kind == "method" else 1 + len(chosen)
+            return
         if pool is None:
             pool = make_executor(executor, workers, threads_per_worker, ray_address)
         pending[pool.submit(spec)] = spec
@@ -555,6 +610,10 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
             else:
                 submit(spec)
 
+    # SIGTERM/SIGUSR1: the running cells stop at a checkpoint, the others do not start, and the study exits with
+    # the runs' pre-emption code; running it again continues (see _stop_message)
+    handlers = remember_stop_signals(forward=_forward_to_workers if executor == "local" else None)
+    cancelled = False
     try:
         for seed in seeds:
             finished = all((Path(d) / METRICS_FILE).is_file() for d in outputs(seed).values())
@@ -565,7 +624,12 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
                                 outputs(seed), stages=[asdict(s) for s in upstream], fit_args=fit_args,
                                 threads=threads_per_worker))
         while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+            if stop_noted() and not cancelled and pool is not None:
+                cancelled = True
+                for future in [f for f in pending if f.cancel()]:  # queued, not begun
+                    stopped["not started"] += 1 if pending.pop(future).kind == "method" else 1 + len(chosen)
+                pool.stop()
             for future in done:
                 spec = pending.pop(future)
                 try:
@@ -573,6 +637,12 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
                 except Exception as exc:  # noqa: BLE001 - the worker process itself died
                     record = {"kind": spec.kind, "method": spec.name, "seed": spec.seed, "run_dir": spec.run_dir,
                               "status": "failed", "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:500]}
+                if record["status"] == "stopped" or (stop_noted() and record["status"] == "failed"):
+                    note_stop(record.get("signal", "SIGTERM"))  # (a cell run inline saw the signal itself)
+                    began = record.get("began", True)
+                    stopped["began" if began else "not started"] += 1
+                    stopped["not started"] += len(chosen) if spec.kind == "upstream" else 0
+                    continue
                 _print_record(record)
                 if spec.kind == "upstream":
                     records[("upstream", spec.seed)] = record
@@ -586,9 +656,21 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
                                 "error": f"upstream of seed {spec.seed} failed: {record['error']}"}
                 else:
                     records[(spec.name, spec.seed)] = record
+        signal_name = stop_noted()
     finally:
         if pool is not None:
             pool.shutdown()
+        restore_handlers(handlers)
+        clear_stop()
+    if signal_name:
+        from alignkit.signals import PREEMPTED_EXIT_CODE
+
+        ok = sum(1 for key, record in records.items() if key[0] != "upstream" and record["status"] == "ok")
+        print(f"alignkit: study stopped by {signal_name}: {ok} cells finished, {stopped['began']} stopped "
+              f"part-way (their runs keep their checkpoints), {stopped['not started']} not started; no report "
+              f"written; run the same command again to continue (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr,
+              flush=True)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     wall = time.perf_counter() - started
     # cells of methods not run this time (``only``) but finished earlier still count in the report
     for method in methods:

@@ -204,6 +204,65 @@ def test_smoke_study_resumes_on_ray(smoke_study, capsys):
     assert after["methods"]["sft"]["n_seeds"] == 2             # cells of methods not re-run still count
 
 
+def test_sigterm_stops_a_study_at_a_checkpoint_and_the_same_command_continues_it(smoke_study, tmp_path):
+    """SIGTERM to the study's process alone (``kill PID``, a scheduler): the worker's run stops at a checkpoint,
+    no process is left running, the study exits 75 and writes no report; the same command continues the run from
+    its checkpoint. (A worker used to be orphaned: killed mid-write or training on after the study was gone.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    run = tmp_path / "run"
+    shutil.copytree(smoke_study / "run" / "seed-1" / "upstream", run / "seed-1" / "upstream")  # finished upstream
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(SMOKE.replace("seeds: [0, 1]", "seeds: [1]").split("methods:")[0] + f"""
+methods:
+  - name: dpo
+    recipe: {RECIPES}/dpo.yaml
+    args: ["--model.policy.name_or_path=${{sft}}/model", "--data.init_args.path=${{collect}}/preferences.jsonl",
+           "--data.init_args.batch_size=8", "--trainer.max_epochs=100", "--checkpoint_every=2"]
+evaluation:
+  reference: "${{sft}}/model"
+  reward: null
+  every: 20
+  num_prompts: 8
+  max_new_tokens: 8
+""")
+    overrides = [*TINY_MODEL, *QUIET, "--trainer.max_steps=40"]
+    args = ["study", "--config", str(study_file), "--run_dir", str(run), "--executor=local", "--workers=1",
+            "--wandb=false", f"--set={json.dumps(overrides)}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    study = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    checkpoint = run / "seed-1" / "dpo" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and study.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), study.communicate(timeout=60)
+    workers = psutil.Process(study.pid).children(recursive=True)
+    study.send_signal(signal.SIGTERM)
+    _, err = study.communicate(timeout=180)
+    assert study.returncode == 75, err[-3000:]
+    assert ("alignkit: study stopped by SIGTERM: 0 cells finished, 1 stopped part-way (their runs keep their "
+            "checkpoints), 0 not started; no report written") in err
+    gone = psutil.wait_procs(workers, timeout=30)[1] == []
+    assert gone, [w.pid for w in workers if w.is_running()]
+    assert not (run / "study.json").exists() and not (run / "seed-1" / "dpo" / "metrics.json").exists()
+    import torch
+
+    stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 2 <= stopped_at < 40
+
+    run_cli(args)  # the same command: the run continues from its checkpoint
+    log = (run / "seed-1" / "dpo" / "log.txt").read_text()
+    assert f"alignkit: run directory {run / 'seed-1' / 'dpo'} (resuming after step" in log
+    assert json.loads((run / "seed-1" / "dpo" / "metrics.json").read_text())["global_step"] == 40
+    assert json.loads((run / "study.json").read_text())["methods"]["dpo"]["n_seeds"] == 1
+
+
 def test_claims_are_judged_by_their_intervals():
     from alignkit.study_report import evaluate_claims
 
