@@ -371,16 +371,25 @@ class InlineExecutor:
         pass
 
 
+#: In a local worker: ``[True]`` while it runs a cell.
+_WORKER_BUSY: list[bool] = []
+#: In a local worker: the study's process id.
+_STUDY_PID: list[int] = []
+
+
 def _init_worker(threads: int, parent: int) -> None:
-    """A local worker: ``threads`` torch threads; SIGTERM/SIGUSR1 (forwarded by the study, or sent when the study's
-    process ``parent`` dies, on Linux) stop its runs at a checkpoint instead of killing it mid-write."""
+    """A local worker: ``threads`` torch threads. SIGUSR1 (which the study forwards when it is asked to stop) stops
+    its runs at a checkpoint. So does SIGTERM during a cell (the study's process ``parent`` died: Linux sends it
+    then); an idle worker ends on SIGTERM, as ``ProcessPoolExecutor`` expects of the workers of a broken pool."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _STUDY_PID[:] = [parent]
     import signal
 
     from alignkit.signals import note_stop, remember_stop_signals
 
     remember_stop_signals()
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -391,13 +400,37 @@ def _init_worker(threads: int, parent: int) -> None:
         note_stop("SIGTERM")
 
 
+#: The exit code of a local worker that finished (or stopped) its cell after the study's process died.
+PARENT_GONE_EXIT_CODE = 75
+
+
+def _worker_sigterm(signum: int, frame: Any) -> None:
+    from alignkit.signals import note_stop
+
+    note_stop("SIGTERM")
+    if not any(_WORKER_BUSY):
+        raise SystemExit(128 + signum)
+
+
+def _run_cell_in_worker(spec: CellSpec) -> dict[str, Any]:
+    _WORKER_BUSY[:] = [True]
+    try:
+        return run_cell(spec)
+    finally:
+        _WORKER_BUSY[:] = [False]
+        if os.getppid() not in _STUDY_PID:  # the study is gone: nobody reads the result or sends another cell
+            os._exit(PARENT_GONE_EXIT_CODE)
+
+
 def _forward_to_workers(signum: int) -> None:
-    """Send a stop signal on to the local executor's worker processes (the children of this process)."""
+    """Ask the local executor's worker processes (the children of this process) to stop: SIGUSR1, whatever the
+    study received (SIGTERM ends an idle worker)."""
     import multiprocessing
+    import signal
 
     for child in multiprocessing.active_children():
         with contextlib.suppress(ProcessLookupError, TypeError):
-            os.kill(cast(int, child.pid), signum)
+            os.kill(cast(int, child.pid), signal.SIGUSR1)
 
 
 class LocalExecutor:
@@ -410,7 +443,7 @@ class LocalExecutor:
                                         initializer=_init_worker, initargs=(threads, os.getpid()))
 
     def submit(self, spec: CellSpec) -> Future:
-        return self.pool.submit(run_cell, spec)
+        return self.pool.submit(_run_cell_in_worker, spec)
 
     def stop(self) -> None:
         """Stop the running cells (the workers got the signal from :func:`_forward_to_workers`)."""

@@ -204,15 +204,18 @@ def test_smoke_study_resumes_on_ray(smoke_study, capsys):
     assert after["methods"]["sft"]["n_seeds"] == 2             # cells of methods not re-run still count
 
 
-def test_sigterm_stops_a_study_at_a_checkpoint_and_the_same_command_continues_it(smoke_study, tmp_path):
-    """SIGTERM to the study's process alone (``kill PID``, a scheduler): the worker's run stops at a checkpoint,
-    no process is left running, the study exits 75 and writes no report; the same command continues the run from
-    its checkpoint. (A worker used to be orphaned: killed mid-write or training on after the study was gone.)"""
+def test_a_stopped_or_killed_study_leaves_no_worker_and_the_same_command_continues(smoke_study, tmp_path):
+    """SIGKILL to the study's process: its worker gets SIGTERM (Linux), stops its run at a checkpoint and exits.
+    SIGTERM to the study's process alone (``kill PID``, a scheduler): the worker's run stops at a checkpoint, the
+    study exits 75 and writes no report. Each time no process is left, and the same command continues the run from
+    its checkpoint. (A worker used to be orphaned: training on after the study was gone, then waiting forever.)"""
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    import torch
 
     psutil = pytest.importorskip("psutil")
     run = tmp_path / "run"
@@ -235,30 +238,45 @@ evaluation:
     args = ["study", "--config", str(study_file), "--run_dir", str(run), "--executor=local", "--workers=1",
             "--wandb=false", f"--set={json.dumps(overrides)}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    study = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    checkpoint = run / "seed-1" / "dpo" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and study.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert checkpoint.exists(), study.communicate(timeout=60)
-    workers = psutil.Process(study.pid).children(recursive=True)
+    checkpoints = run / "seed-1" / "dpo" / "checkpoints"
+
+    def saved() -> int:
+        return torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+
+    def start_and_wait_past(step: int):
+        """The study in a process of its own, once its run has a checkpoint past ``step``; and its workers."""
+        study = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while study.poll() is None and time.monotonic() < deadline:
+            if max((int(f.stem.split("=")[1]) for f in checkpoints.glob("step=*.ckpt")), default=0) > step:
+                break
+            time.sleep(0.2)
+        assert study.poll() is None, study.communicate(timeout=60)
+        return study, psutil.Process(study.pid).children(recursive=True)
+
+    study, workers = start_and_wait_past(0)
+    study.kill()
+    alive = psutil.wait_procs(workers, timeout=60)[1]
+    study.communicate(timeout=30)
+    assert alive == [] and workers, "a worker outlived its study"
+    killed_at = saved()
+    assert 2 <= killed_at < 40 and not (run / "seed-1" / "dpo" / "metrics.json").exists()
+
+    study, workers = start_and_wait_past(killed_at)
     study.send_signal(signal.SIGTERM)
     _, err = study.communicate(timeout=180)
     assert study.returncode == 75, err[-3000:]
     assert ("alignkit: study stopped by SIGTERM: 0 cells finished, 1 stopped part-way (their runs keep their "
             "checkpoints), 0 not started; no report written") in err
-    gone = psutil.wait_procs(workers, timeout=30)[1] == []
-    assert gone, [w.pid for w in workers if w.is_running()]
+    assert psutil.wait_procs(workers, timeout=30)[1] == []
     assert not (run / "study.json").exists() and not (run / "seed-1" / "dpo" / "metrics.json").exists()
-    import torch
-
-    stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 2 <= stopped_at < 40
+    stopped_at = saved()
+    assert killed_at < stopped_at < 40
 
     run_cli(args)  # the same command: the run continues from its checkpoint
     log = (run / "seed-1" / "dpo" / "log.txt").read_text()
-    assert f"alignkit: run directory {run / 'seed-1' / 'dpo'} (resuming after step" in log
+    assert log.count(f"alignkit: run directory {run / 'seed-1' / 'dpo'} (resuming after step") == 2
     assert json.loads((run / "seed-1" / "dpo" / "metrics.json").read_text())["global_step"] == 40
     assert json.loads((run / "study.json").read_text())["methods"]["dpo"]["n_seeds"] == 1
 
