@@ -131,6 +131,8 @@ CACHE_FORMAT = 1
 #: Environment variables whose values may change a help text (besides ``COLUMNS``, read through the terminal size).
 ENV_PREFIXES = ("ALIGNKIT_", "JSONARGPARSE_", "PL_", "LIGHTNING_")
 ENV_NAMES = ("NO_COLOR", "FORCE_COLOR", "PYTHON_COLORS", "TERM")
+#: The entry point groups whose plugins shape the commands' help (``alignkit.commands.COMMAND_GROUP`` the second).
+PLUGIN_GROUPS = ("alignkit", "alignkit.commands")
 #: Cache files kept (the newest); older ones are removed when a new one is written.
 CACHE_KEEP = 200
 
@@ -202,9 +204,6 @@ def cache_file(args: list[str]) -> Path | None:
 def cache_key(args: list[str]) -> str:
     """Everything a command's help text can depend on (see the module docstring), as one JSON string."""
     import shutil
-    from importlib.metadata import entry_points
-
-    from alignkit.commands import COMMAND_GROUP
 
     stdout = sys.__stdout__
     tty = bool(stdout and stdout.isatty())
@@ -215,36 +214,51 @@ def cache_key(args: list[str]) -> str:
             for item in os.scandir(entry or "."):
                 if item.name.endswith((".dist-info", ".egg-info")):
                     distributions.append((os.path.abspath(item.path), item.stat().st_mtime_ns))
-    plugins = sorted({(ep.group, ep.name, ep.value) for group in ("alignkit", COMMAND_GROUP)
-                      for ep in entry_points(group=group)})
-    packages = sorted({"alignkit", *(value.partition(":")[0].split(".")[0] for _, _, value in plugins)})
+    plugins = installed_entry_points()
     key = {"format": CACHE_FORMAT, "args": args, "columns": shutil.get_terminal_size().columns, "tty": tty,
            "python": [sys.executable, sys.prefix, sys.version], "env": sorted(env.items()),
            "distributions": sorted(distributions), "plugins": plugins,
-           "sources": {top: package_files(top) for top in packages}}
+           "sources": {top: package_files(top) for top in plugin_packages(plugins)}}
     return json.dumps(key, sort_keys=True)
 
 
-def package_files(top: str) -> list[tuple[str, int, int]]:
-    """Path, modification time and size of every file of the top-level package ``top`` (its ``__pycache__``
-    folders left out), found without importing it."""
+def installed_entry_points() -> list[list[str]]:
+    """``[group, name, target]`` of every installed entry point of :data:`PLUGIN_GROUPS`, sorted."""
+    from importlib.metadata import entry_points
+
+    return sorted([group, ep.name, ep.value] for group in PLUGIN_GROUPS for ep in entry_points(group=group))
+
+
+def plugin_packages(points: list[list[str]]) -> list[str]:
+    """``alignkit`` and the top-level packages of the entry points ``points`` (``[group, name, target]``)."""
+    return sorted({"alignkit", *(target.partition(":")[0].split(".")[0] for _, _, target in points)})
+
+
+def package_paths(top: str) -> list[tuple[str, str]]:
+    """``(root, path)`` of every file of the top-level package ``top`` (its ``__pycache__`` and dot folders left
+    out), in a stable order, found without importing it: ``root`` is the package's folder (or its module file)."""
     spec = importlib.util.find_spec(top)
     if spec is None:
         return []
     roots = list(spec.submodule_search_locations or []) or ([spec.origin] if spec.origin else [])
-    files = []
+    paths = []
     for root in roots:
         if os.path.isfile(root):
-            stat = os.stat(root)
-            files.append((os.path.abspath(root), stat.st_mtime_ns, stat.st_size))
+            paths.append((root, root))
             continue
         for folder, subfolders, names in os.walk(root):
             subfolders[:] = sorted(d for d in subfolders if d != "__pycache__" and not d.startswith("."))
-            for name in sorted(names):
-                path = os.path.join(folder, name)
-                with contextlib.suppress(OSError):
-                    stat = os.stat(path)
-                    files.append((os.path.abspath(path), stat.st_mtime_ns, stat.st_size))
+            paths += [(root, os.path.join(folder, name)) for name in sorted(names)]
+    return paths
+
+
+def package_files(top: str) -> list[tuple[str, int, int]]:
+    """Path, modification time and size of every file of the top-level package ``top`` (:func:`package_paths`)."""
+    files = []
+    for _, path in package_paths(top):
+        with contextlib.suppress(OSError):
+            stat = os.stat(path)
+            files.append((os.path.abspath(path), stat.st_mtime_ns, stat.st_size))
     return files
 
 

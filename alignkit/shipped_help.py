@@ -22,7 +22,6 @@ folder. ``tests/test_shipped_help.py`` fails while the texts are not current.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -33,6 +32,9 @@ from importlib.metadata import PackageNotFoundError, entry_points, packages_dist
 from pathlib import Path
 from typing import Any
 
+import alignkit.help as help_cache
+from alignkit.help import PLUGIN_GROUPS, installed_entry_points, package_paths, plugin_packages
+
 #: Where the shipped texts and their manifest live (package data of ``alignkit``).
 FOLDER = Path(__file__).with_name("help_texts")
 MANIFEST = "manifest.json"
@@ -40,13 +42,9 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 #: The terminal width the texts are rendered at; narrower terminals get a freshly built text.
 COLUMNS = 80
-#: Entry point groups whose targets shape the help texts.
-GROUPS = ("alignkit", "alignkit.commands")
-#: Environment variables (by prefix, and by name) that can change a help text.
-ENV_PREFIXES = ("ALIGNKIT_", "JSONARGPARSE_", "PL_", "LIGHTNING_")
-ENV_NAMES = ("NO_COLOR", "FORCE_COLOR", "PYTHON_COLORS")
-#: Variables of that kind that do not change a help text.
-ENV_IGNORED = ("ALIGNKIT_NO_HELP_CACHE",)
+#: Variables that can change a help text: those the user's help cache keys on, but ``TERM`` (set in every terminal;
+#: the parsers do not read it), and ``ALIGNKIT_NO_HELP_CACHE`` (which turns the shipped texts off altogether).
+ENV_NAMES = tuple(name for name in help_cache.ENV_NAMES if name != "TERM")
 
 
 def shipped_help(args: list[str], folder: Path = FOLDER) -> str | None:
@@ -99,40 +97,29 @@ def mismatch(manifest: dict[str, Any]) -> str | None:
 
 def help_environment() -> list[str]:
     """The environment variables set now that can change a help text (by name, sorted)."""
-    return sorted(k for k in os.environ if k not in ENV_IGNORED and (k.startswith(ENV_PREFIXES) or k in ENV_NAMES))
-
-
-def installed_entry_points() -> list[list[str]]:
-    """``[group, name, target]`` of every installed entry point of :data:`GROUPS`, sorted."""
-    return sorted([group, ep.name, ep.value] for group in GROUPS for ep in entry_points(group=group))
+    return sorted(k for k in os.environ if k != help_cache.NO_CACHE_ENV
+                  and (k.startswith(help_cache.ENV_PREFIXES) or k in ENV_NAMES))
 
 
 def own_entry_points() -> list[list[str]]:
-    """``[group, name, target]`` of the entry points of :data:`GROUPS` alignkit's own distribution declares."""
+    """``[group, name, target]`` of the entry points of :data:`~alignkit.help.PLUGIN_GROUPS` alignkit's own
+    distribution declares."""
     from importlib.metadata import distribution
 
-    return sorted([ep.group, ep.name, ep.value] for ep in distribution("alignkit").entry_points if ep.group in GROUPS)
+    return sorted([ep.group, ep.name, ep.value] for ep in distribution("alignkit").entry_points
+                  if ep.group in PLUGIN_GROUPS)
 
 
 def sources_digest(points: list[list[str]]) -> str:
     """SHA-256 over the relative path and bytes of every ``.py`` file of ``alignkit`` and of the top-level packages
     the entry points ``points`` name (the same in a checkout and in an installed wheel)."""
-    packages = sorted({"alignkit", *(target.partition(":")[0].split(".")[0] for _, _, target in points)})
     digest = hashlib.sha256()
-    for top in packages:
-        spec = importlib.util.find_spec(top)
-        roots = list(spec.submodule_search_locations or []) if spec is not None else []
-        digest.update(f"package {top} {len(roots)}\n".encode())
-        for root in roots:
-            for folder, subfolders, names in os.walk(root):
-                subfolders[:] = sorted(d for d in subfolders if d != "__pycache__" and not d.startswith(".")
-                                       and Path(folder, d) != FOLDER)
-                for name in sorted(names):
-                    if not name.endswith(".py"):
-                        continue
-                    path = Path(folder, name)
-                    digest.update(f"{path.relative_to(root).as_posix()}\n".encode())
-                    digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for top in plugin_packages(points):
+        files = [(root, path) for root, path in package_paths(top) if path.endswith(".py")]
+        digest.update(f"package {top} {len(files)}\n".encode())
+        for root, path in files:
+            digest.update(f"{Path(path).relative_to(root).as_posix()}\n".encode())
+            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
     return digest.hexdigest()
 
 
@@ -266,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
     elif args.write:
         own = own_entry_points()
-        others = sorted({point.dist.name for group in GROUPS for point in entry_points(group=group)
+        others = sorted({point.dist.name for group in PLUGIN_GROUPS for point in entry_points(group=group)
                          if [group, point.name, point.value] not in own and point.dist is not None})
         if others:
             raise SystemExit(f"other alignkit plugins are installed; the shipped texts are alignkit's alone: "

@@ -400,10 +400,6 @@ def _init_worker(threads: int, parent: int) -> None:
         note_stop("SIGTERM")
 
 
-#: The exit code of a local worker that finished (or stopped) its cell after the study's process died.
-PARENT_GONE_EXIT_CODE = 75
-
-
 def _worker_sigterm(signum: int, frame: Any) -> None:
     from alignkit.signals import note_stop
 
@@ -419,7 +415,9 @@ def _run_cell_in_worker(spec: CellSpec) -> dict[str, Any]:
     finally:
         _WORKER_BUSY[:] = [False]
         if os.getppid() not in _STUDY_PID:  # the study is gone: nobody reads the result or sends another cell
-            os._exit(PARENT_GONE_EXIT_CODE)
+            from alignkit.signals import PREEMPTED_EXIT_CODE
+
+            os._exit(PREEMPTED_EXIT_CODE)
 
 
 def _forward_to_workers(signum: int) -> None:
@@ -624,10 +622,14 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
 
     stopped = {"began": 0, "not started": 0}  # cells cut short by SIGTERM/SIGUSR1, and cells never begun
 
+    def never_begun(spec: CellSpec) -> int:
+        """The cells a spec that does not begin leaves out: itself, and an upstream's methods."""
+        return 1 if spec.kind == "method" else 1 + len(chosen)
+
     def submit(spec: CellSpec) -> None:
         nonlocal pool
         if stop_noted():
-            stopped["not started"] += 1 if spec.kind == "method" else 1 + len(chosen)
+            stopped["not started"] += never_begun(spec)
             return
         if pool is None:
             pool = make_executor(executor, workers, threads_per_worker, ray_address)
@@ -661,7 +663,7 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
             if stop_noted() and not cancelled and pool is not None:
                 cancelled = True
                 for future in [f for f in pending if f.cancel()]:  # queued, not begun
-                    stopped["not started"] += 1 if pending.pop(future).kind == "method" else 1 + len(chosen)
+                    stopped["not started"] += never_begun(pending.pop(future))
                 pool.stop()
             for future in done:
                 spec = pending.pop(future)
@@ -672,9 +674,9 @@ def study(methods: list[Method], seeds: list[int], upstream: list[Stage] | None 
                               "status": "failed", "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:500]}
                 if record["status"] == "stopped" or (stop_noted() and record["status"] == "failed"):
                     note_stop(record.get("signal", "SIGTERM"))  # (a cell run inline saw the signal itself)
-                    began = record.get("began", True)
-                    stopped["began" if began else "not started"] += 1
-                    stopped["not started"] += len(chosen) if spec.kind == "upstream" else 0
+                    began = int(record.get("began", True))  # a stopped upstream leaves its methods out
+                    stopped["began"] += began
+                    stopped["not started"] += never_begun(spec) - began
                     continue
                 _print_record(record)
                 if spec.kind == "upstream":
