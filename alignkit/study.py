@@ -388,8 +388,7 @@ def _init_worker(threads: int, parent: int) -> None:
 
     from alignkit.signals import note_stop, remember_stop_signals
 
-    remember_stop_signals()
-    signal.signal(signal.SIGTERM, _worker_sigterm)
+    remember_stop_signals(forward=_end_idle_worker)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -400,11 +399,11 @@ def _init_worker(threads: int, parent: int) -> None:
         note_stop("SIGTERM")
 
 
-def _worker_sigterm(signum: int, frame: Any) -> None:
-    from alignkit.signals import note_stop
+def _end_idle_worker(signum: int) -> None:
+    """After the stop is noted: SIGTERM ends a worker that is not running a cell."""
+    import signal
 
-    note_stop("SIGTERM")
-    if not any(_WORKER_BUSY):
+    if signum == signal.SIGTERM and not any(_WORKER_BUSY):
         raise SystemExit(128 + signum)
 
 

@@ -60,9 +60,9 @@ def test_a_shipped_text_is_what_the_parser_prints_in_a_fresh_process(tmp_path, c
         assert (tmp_path / record["file"]).read_text() == (FOLDER / record["file"]).read_text(), name
     # Packages of another environment may be imported too (CI's Python has boto3 and trio, which the manifest cannot
     # know of): they leave the texts as they are. Those the manifest records are imported here at its versions.
-    recorded = MANIFEST_DATA["distributions"]
-    assert {name: made["distributions"][name] for name in recorded.keys() & made["distributions"].keys()} == {
-        name: recorded[name] for name in recorded.keys() & made["distributions"].keys()}
+    recorded, here = MANIFEST_DATA["distributions"], made["distributions"]
+    shared = recorded.keys() & here.keys()
+    assert {name: here[name] for name in shared} == {name: recorded[name] for name in shared}
 
 
 def test_the_first_help_comes_from_the_shipped_text_without_building_the_parser(tmp_path, monkeypatch, capsys,
